@@ -1,0 +1,145 @@
+"""Batched generation with a KV cache: one prefill over the left-padded prompts, then one token
+at a time, each row stopping on its first end-of-sequence id.
+
+Left padding keeps every prompt's last token in the final column, so the next-token logits of
+the whole batch are one slice; positions come from the attention mask (model.py), so padding
+never shifts the rotary phases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import KVCache
+
+
+@dataclass
+class Generation:
+    texts: list[str]  # decoded responses, special tokens removed
+    token_ids: list[list[int]]  # response tokens, without the stopping EOS
+    finished: list[bool]  # True where the row stopped on an EOS id before max_new_tokens
+    prompt_ids: list[list[int]]
+
+
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Message lists are rendered with the chat template and its generation prompt;
+    strings are taken as already-formatted text and encoded verbatim."""
+    out = []
+    for p in prompts:
+        text = p if isinstance(p, str) else tokenizer.apply_chat_template(p, add_generation_prompt=True)
+        out.append(tokenizer.encode(text))
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None):
+    """Token lists -> left-padded (B, P) ids and mask."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose
+        # probabilities sum to at least top_p; the most likely token is always kept.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    batch_size: int | None = None, use_cache: bool = True,
+) -> Generation:
+    """Generate a response for each prompt (message list or pre-formatted string).
+
+    Rows are processed `batch_size` at a time (all at once by default). Sampling is seeded:
+    the same seed and batch give the same text. See generate_tokens for use_cache.
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    out_ids, finished = generate_tokens(
+        model, prompt_ids, tokenizer.eos_token_ids, tokenizer.pad_token_id, max_new_tokens,
+        temperature, top_k, top_p, seed, batch_size, use_cache,
+    )
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out_ids]
+    return Generation(texts, out_ids, finished, prompt_ids)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model, prompt_ids: list[list[int]], eos_token_ids, pad_token_id: int, max_new_tokens: int = 128,
+    temperature: float = 0.0, top_k=None, top_p=None, seed=None, batch_size=None, use_cache: bool = True,
+):
+    """Token-level generation: prompt id lists -> (response id lists, finished flags).
+
+    With use_cache=False every step recomputes the full forward: slow, used to test that the
+    cache is exact."""
+    batch_size = batch_size or len(prompt_ids)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+    was_training = model.training
+    model.eval()
+    out_ids, finished = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        ids, done = _generate_batch(
+            model, prompt_ids[start : start + batch_size], list(eos_token_ids), pad_token_id, max_new_tokens,
+            temperature, top_k, top_p, generator, use_cache, device,
+        )
+        out_ids += ids
+        finished += done
+    model.train(was_training)
+    return out_ids, finished
+
+
+def _generate_batch(model, prompts, eos_ids, pad_id, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device):
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    ids, mask = left_pad(prompts, pad_id, device)  # (B, P)
+    B, P = ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # stopped on an EOS id
+    new_tokens = []
+    step_ids = ids  # prefill: the whole prompt; then only the newest token
+    for _ in range(max_new_tokens):
+        if use_cache:
+            h = model.hidden_states(step_ids, mask, cache)[:, -1]  # (B, C)
+        else:
+            h = model.hidden_states(torch.cat([ids] + new_tokens, dim=1) if new_tokens else ids, mask)[:, -1]
+        logits = model.lm_head(h)  # (B, V): only the last position needs the vocabulary projection
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        is_eos = torch.isin(nxt, eos) & ~done
+        stopped |= is_eos
+        done |= is_eos
+        new_tokens.append(nxt[:, None])
+        mask = torch.cat([mask, (~done | is_eos).long()[:, None]], dim=1)  # (B, P + t)
+        step_ids = nxt[:, None]
+        if bool(done.all()):
+            break
+    gen = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
+    eos_set = set(eos_ids)
+    out = []
+    for row in gen:  # cut each row at its first EOS (the EOS itself is not part of the response)
+        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
+        out.append(row[:cut])
+    return out, stopped.tolist()

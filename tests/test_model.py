@@ -1,0 +1,248 @@
+"""The causal LM against invariants: padding, KV cache, checkpointing, save/load, clear errors.
+
+Golden logits from the reference implementation are in test_golden.py."""
+import json
+
+import pytest
+import torch
+
+import minialign
+from minialign.checkpoint import read_state_dict, save_model
+from minialign.model import CausalLM, KVCache, ModelConfig, RewardModel, last_token_index
+
+
+def tiny_config(model_type="qwen2", **over):
+    d = dict(
+        model_type=model_type, vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=True, max_position_embeddings=128,
+    )
+    if model_type == "qwen3":
+        d["head_dim"] = 16
+    d.update(over)
+    return ModelConfig.from_hf_dict(d)
+
+
+def random_model(model_type="qwen2", seed=0, **over):
+    torch.manual_seed(seed)
+    m = CausalLM(tiny_config(model_type, **over))
+    with torch.no_grad():  # larger weights than the init so that errors in masking show up
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1))
+    return m.eval()
+
+
+ARCHS = [("qwen2", {}), ("qwen2", {"tie_word_embeddings": False}), ("qwen3", {}), ("llama", {"attention_bias": True})]
+
+
+@pytest.mark.parametrize("arch,over", ARCHS)
+def test_padded_equals_unpadded(arch, over):
+    """Each row of a right- or left-padded batch equals that row run alone, at its real positions."""
+    m = random_model(arch, **over)
+    torch.manual_seed(1)
+    rows = [torch.randint(3, 101, (n,)) for n in (7, 4, 1)]
+    alone = [m(r[None])[0] for r in rows]
+    T = 7
+    for side in ("right", "left"):
+        ids = torch.zeros(3, T, dtype=torch.long)
+        mask = torch.zeros(3, T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+            ids[i, sl], mask[i, sl] = r, 1
+        out = m(ids, mask)
+        assert torch.isfinite(out).all()
+        for i, r in enumerate(rows):
+            sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+            torch.testing.assert_close(out[i, sl], alone[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,over", ARCHS)
+def test_kv_cache_decoding_equals_full_forward(arch, over):
+    """Prefill on a left-padded prompt then feed tokens one at a time: the logits of every new
+    token equal those of one full forward over prompt + new tokens."""
+    m = random_model(arch, **over)
+    torch.manual_seed(2)
+    ids = torch.randint(3, 101, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded
+    full = m(ids, mask)
+    P = 5
+    cache = KVCache(m.config, 2, 9, "cpu", torch.float32)
+    step = m(ids[:, :P], mask[:, :P], kv_cache=cache)
+    torch.testing.assert_close(step, full[:, :P], atol=1e-5, rtol=1e-5)
+    for t in range(P, 9):
+        step = m(ids[:, t : t + 1], mask[:, : t + 1], kv_cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reward", [False, True])
+def test_gradient_checkpointing_same_gradients(reward):
+    """Recomputing each layer in backward changes memory, not arithmetic: identical gradients."""
+    torch.manual_seed(3)
+    cfg = tiny_config("qwen3")
+    m = RewardModel(cfg) if reward else CausalLM(cfg)
+    m.train()
+    ids = torch.randint(3, 101, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+
+    def grads(ckpt):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        out = m(ids, mask)
+        (out.float().pow(2).mean()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    g0, g1 = grads(False), grads(True)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=0, rtol=0, msg=n)
+
+
+def test_reward_read_at_last_real_token():
+    """The reward of a padded row equals the reward of the row alone (right and left padding)."""
+    torch.manual_seed(4)
+    rm = RewardModel(tiny_config()).eval()
+    a, b = torch.randint(3, 101, (5,)), torch.randint(3, 101, (3,))
+    ra, rb = rm(a[None])[0], rm(b[None])[0]
+    right = torch.stack([a, torch.cat([b, torch.zeros(2, dtype=torch.long)])])
+    right_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+    torch.testing.assert_close(rm(right, right_mask), torch.stack([ra, rb]), atol=1e-5, rtol=1e-5)
+    left = torch.stack([a, torch.cat([torch.zeros(2, dtype=torch.long), b])])
+    left_mask = torch.tensor([[1] * 5, [0] * 2 + [1] * 3])
+    torch.testing.assert_close(rm(left, left_mask), torch.stack([ra, rb]), atol=1e-5, rtol=1e-5)
+    assert last_token_index(left_mask).tolist() == [4, 4]
+    assert last_token_index(right_mask).tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("arch,over", ARCHS)
+def test_save_load_round_trip_exact(tmp_path, arch, over):
+    m = random_model(arch, **over)
+    save_model(m, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert cfg["model_type"] == arch and cfg["architectures"][0].endswith("ForCausalLM")
+    m2 = minialign.load_model(tmp_path / "ckpt")
+    for (n, p), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2), n
+    if m.config.tie_word_embeddings:
+        assert m2.lm_head.weight is m2.model.embed_tokens.weight
+        assert "lm_head.weight" not in read_state_dict(tmp_path / "ckpt")
+    ids = torch.randint(3, 101, (2, 5))
+    assert torch.equal(m(ids), m2.eval()(ids))
+
+
+def test_reward_model_round_trip_and_hf_layout(tmp_path):
+    torch.manual_seed(5)
+    rm = RewardModel(tiny_config(pad_token_id=0))
+    save_model(rm, tmp_path / "rm")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["num_labels"] == 1
+    assert cfg["pad_token_id"] == 0
+    assert "score.weight" in read_state_dict(tmp_path / "rm")
+    rm2 = minialign.load_model(tmp_path / "rm")
+    assert isinstance(rm2, RewardModel)
+    ids = torch.randint(3, 101, (2, 5))
+    assert torch.equal(rm.eval()(ids), rm2.eval()(ids))
+
+
+def test_causal_lm_checkpoint_as_reward_backbone(tmp_path):
+    """load_model(..., reward=True) on a causal LM: same backbone, fresh score head, no lm_head."""
+    m = random_model("llama")
+    save_model(m, tmp_path / "lm")
+    rm = minialign.load_model(tmp_path / "lm", reward=True)
+    assert isinstance(rm, RewardModel) and rm.score.weight.shape == (1, 32)
+    for k, v in m.model.state_dict().items():
+        assert torch.equal(v, rm.model.state_dict()[k])
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    m = random_model("qwen2", tie_word_embeddings=False)
+    save_model(m, tmp_path / "sharded", max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    m2 = minialign.load_model(tmp_path / "sharded")
+    ids = torch.randint(3, 101, (1, 6))
+    assert torch.equal(m(ids), m2.eval()(ids))
+
+
+def test_dtype_and_bf16_forward(tmp_path):
+    m = random_model("qwen2")
+    save_model(m, tmp_path / "c")
+    mb = minialign.load_model(tmp_path / "c", dtype="bf16")
+    assert next(mb.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(3, 101, (2, 6))
+    out = mb.eval()(ids)
+    assert out.dtype == torch.bfloat16
+    # bf16 has ~3 significant digits: logits agree with fp32 to a loose tolerance only
+    assert (out.float() - m(ids)).abs().max() < 0.25 * m(ids).abs().max()
+
+
+def _write_config(path, **over):
+    m = random_model("qwen2")
+    save_model(m, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(over)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "over,key",
+    [
+        ({"model_type": "mistral"}, "model_type"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_unsupported_config_is_a_clear_error(tmp_path, over, key):
+    _write_config(tmp_path / "c", **over)
+    with pytest.raises(ValueError, match=key):
+        minialign.load_model(tmp_path / "c")
+
+
+def test_missing_unexpected_misshaped_tensors_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    m = random_model("qwen2", tie_word_embeddings=False)
+    good = {k: v.contiguous() for k, v in m.state_dict().items()}
+    for name, state, err, pattern in [
+        ("missing", {k: v for k, v in good.items() if k != "model.norm.weight"}, KeyError, "model.norm.weight"),
+        ("unexpected", {**good, "model.extra.weight": torch.zeros(1)}, KeyError, "model.extra.weight"),
+        ("shape", {**good, "model.norm.weight": torch.zeros(31)}, ValueError, "model.norm.weight"),
+    ]:
+        d = tmp_path / name
+        save_model(m, d)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(err, match=pattern):
+            minialign.load_model(d)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        minialign.load_model(tmp_path / "nowhere")
+
+
+def test_tied_checkpoint_with_explicit_lm_head_loads(tmp_path):
+    """Some tied checkpoints store lm_head.weight anyway: accepted, the tie is kept."""
+    from safetensors.torch import save_file
+
+    m = random_model("llama")
+    save_model(m, tmp_path / "c")
+    state = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
+    save_file(state, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    m2 = minialign.load_model(tmp_path / "c")
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """If writing the weights fails, the folder still holds the previous complete checkpoint."""
+    import minialign.checkpoint as ck
+
+    m = random_model("qwen2")
+    save_model(m, tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_model(random_model("qwen2", seed=9), tmp_path / "c")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    assert before == after
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folder left behind
