@@ -1,0 +1,259 @@
+"""From preference pairs to padded tensors: tokenize, truncate, collate, batch by length.
+
+A pair is one prompt and two answers. We render it with the chat template twice,
+
+    prompt text = template(prompt, add_generation_prompt=True)   ends "<|im_start|>assistant\\n"
+    full text   = template(prompt + [assistant: answer])          ends "answer<|im_end|>\\n"
+
+tokenize both, and take the answer's tokens as everything after the prompt's tokens. That is
+only right if the prompt's tokens are a *prefix* of the full tokens (BPE could merge across
+the seam, e.g. when an answer starts with "\\n"), so we check it.
+
+The answer's tokens end with the end-of-turn token <|im_end|>, which is labelled: the model
+must learn to stop, and a generation stops there (it is an eos id). The template's "\\n"
+after <|im_end|> is cut off, not just left unlabelled: a generation never produces it, so
+every training sequence ends exactly where a sampled answer ends, and a reward model reads
+its score at <|im_end|> in training and at inference alike.
+
+Truncation policy (`max_prompt_length`, `max_length`, `truncation`):
+  * a prompt longer than max_prompt_length keeps its last max_prompt_length tokens (the
+    most recent turns matter most); counted as prompt_truncated.
+  * if prompt + longer answer exceeds max_length:
+      truncation="drop" (default): the pair is dropped, counted "over_length". Every kept
+          answer then ends with <|im_end|>, so the reward is always read at the same token.
+      truncation="keep_end": answers are cut to fit and lose their <|im_end|>; counted as
+          response_truncated. A prompt that leaves no room for one answer token is dropped.
+The counts come back in `TokenizeStats`; drops also go to a LoadReport (minialign.data).
+
+Collation stacks chosen then rejected into one right-padded [2B, T] batch (rows 0..B-1
+chosen, B..2B-1 rejected) so both go through the model in one forward pass.
+
+Shape legend: B pairs in a batch, T padded sequence length, P padded prompt length.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .logprobs import IGNORE_INDEX
+
+TRUNCATION_MODES = ("drop", "keep_end")
+# Pairs sorted by length inside groups of batch_size * this many; larger groups pad less,
+# smaller ones keep batches more random. 50 is the "megabatch" size of HF's LengthGroupedSampler.
+DEFAULT_GROUP_SIZE_MULTIPLIER = 50
+# tokenize_pairs encodes this many pairs per call: big enough for the Rust tokenizer's parallelism,
+# small enough that the full-conversation token lists of a large data set never coexist in memory.
+ENCODE_CHUNK_PAIRS = 512
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]    # answer tokens, all labelled; end with <|im_end|> unless response_truncated
+    rejected_ids: list[int]
+    line: int | None = None  # the pair's line in its source file, for error messages
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+    ref_logps: tuple[float, float] | None = None  # reference log-probs (chosen, rejected), if precomputed (DPO)
+
+    @property
+    def length(self) -> int:
+        """Padded length this pair needs: both rows of a pair share the batch's T."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class TokenizeStats:
+    pairs: int = 0                 # pairs given
+    kept: int = 0
+    prompt_truncated: int = 0      # among kept
+    response_truncated: int = 0    # among kept
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count ("over_length", "not_prefix")
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return (f"tokenized {self.pairs} pairs: kept {self.kept} (prompt truncated {self.prompt_truncated}, "
+                f"response truncated {self.response_truncated}), dropped: {drops}")
+
+
+class PairSkipped(ValueError):
+    """A pair that cannot be used; `reason` is a LoadReport skip reason."""
+
+    def __init__(self, reason: str, line: int | None, detail: str):
+        super().__init__(f"line {line}: {reason}: {detail}")
+        self.reason, self.line, self.detail = reason, line, detail
+
+
+def _pair_texts(tokenizer, pair) -> list[str]:
+    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as strings."""
+    def full(answer: str) -> str:
+        return tokenizer.apply_chat_template(pair.prompt + [{"role": "assistant", "content": answer}])
+    return [tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True), full(pair.chosen), full(pair.rejected)]
+
+
+def _answer_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], which: str, line) -> list[int]:
+    """The tokens after the prompt, up to and including the last <|im_end|>."""
+    n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids:
+        k = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(n, len(full_ids)))
+        raise PairSkipped("not_prefix", line, (
+            f"the prompt's tokens are not a prefix of prompt + {which}'s tokens; they differ at token {k}: "
+            f"{tokenizer.decode(prompt_ids[k:k + 3])!r} vs {tokenizer.decode(full_ids[k:k + 3])!r} "
+            f"(an answer starting with text that merges with the prompt's end, such as a newline?)"))
+    answer = full_ids[n:]
+    eot = tokenizer.end_of_turn_token_id
+    if eot not in answer:
+        raise ValueError(f"line {line}: the chat template did not end the {which} turn with <|im_end|>")
+    end = len(answer) - answer[::-1].index(eot)  # one past the last <|im_end|>
+    return answer[:end]
+
+
+def _tokenized(tokenizer, pair, ids: list[list[int]], max_length, max_prompt_length, truncation) -> TokenizedPair:
+    prompt_ids, full_chosen, full_rejected = ids
+    chosen = _answer_ids(tokenizer, prompt_ids, full_chosen, "chosen", pair.line)
+    rejected = _answer_ids(tokenizer, prompt_ids, full_rejected, "rejected", pair.line)
+    out = TokenizedPair(prompt_ids, chosen, rejected, pair.line)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        out.prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: the latest turns
+        out.prompt_truncated = True
+    if max_length is not None and out.length > max_length:
+        room = max_length - len(out.prompt_ids)
+        if truncation == "drop" or room < 1:
+            raise PairSkipped("over_length", pair.line,
+                              f"{out.length} tokens > max_length={max_length} (prompt {len(out.prompt_ids)})")
+        out.chosen_ids, out.rejected_ids = chosen[:room], rejected[:room]  # <|im_end|> is lost
+        out.response_truncated = True
+    return out
+
+
+def _check_options(max_length, max_prompt_length, truncation) -> None:
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation={truncation!r}: expected one of {TRUNCATION_MODES}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")
+
+
+def tokenize_pair(tokenizer, pair, max_length: int | None = None, max_prompt_length: int | None = None,
+                  truncation: str = "drop") -> TokenizedPair:
+    """Tokenize one PreferencePair (see the module docstring for labels and truncation).
+
+    Raises PairSkipped (a ValueError naming the pair's line) with reason "over_length" or
+    "not_prefix" when the pair cannot be used.
+    """
+    _check_options(max_length, max_prompt_length, truncation)
+    ids = tokenizer.encode_batch(_pair_texts(tokenizer, pair))
+    return _tokenized(tokenizer, pair, ids, max_length, max_prompt_length, truncation)
+
+
+def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_length: int | None = None,
+                   truncation: str = "drop", report=None, strict: bool = False
+                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize many pairs. Unusable pairs are dropped and counted in the returned stats and,
+    when given, in `report` (a minialign.data.LoadReport, via add_skip); strict=True raises instead."""
+    _check_options(max_length, max_prompt_length, truncation)
+    pairs = list(pairs)
+    stats, kept = TokenizeStats(pairs=len(pairs)), []
+    for i, pair in enumerate(pairs):
+        if i % ENCODE_CHUNK_PAIRS == 0:
+            chunk = pairs[i:i + ENCODE_CHUNK_PAIRS]
+            ids = tokenizer.encode_batch([t for p in chunk for t in _pair_texts(tokenizer, p)])
+        j = 3 * (i % ENCODE_CHUNK_PAIRS)  # this pair's [prompt, prompt + chosen, prompt + rejected]
+        try:
+            tp = _tokenized(tokenizer, pair, ids[j:j + 3], max_length, max_prompt_length, truncation)
+        except PairSkipped as e:
+            if strict:
+                raise
+            stats.dropped[e.reason] = stats.dropped.get(e.reason, 0) + 1
+            if report is not None:
+                report.add_skip(e.reason, e.line, e.detail)
+            continue
+        kept.append(tp)
+        stats.prompt_truncated += tp.prompt_truncated
+        stats.response_truncated += tp.response_truncated
+    stats.kept = len(kept)
+    return kept, stats
+
+
+# ----------------------------------------------------------------------------------------
+# Collation
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad B pairs into one batch of 2B rows: rows 0..B-1 chosen, B..2B-1 rejected.
+
+    Returns input_ids [2B, T], attention_mask [2B, T] (1 on real tokens), labels [2B, T]
+    (the answer's ids, IGNORE_INDEX on prompt and padding), lengths [2B] (real tokens per row);
+    all long. T is the longest row, rounded up to a multiple of pad_to_multiple_of if given.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs: no pairs to collate")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    T = max(len(prompt) + len(answer) for prompt, answer in rows)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of  # ceil to a multiple (tensor-core friendly)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)     # (2B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)             # (2B, T)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)        # (2B, T)
+    lengths = torch.zeros(len(rows), dtype=torch.long)                         # (2B,)
+    for r, (prompt, answer) in enumerate(rows):
+        n, m = len(prompt), len(answer)
+        input_ids[r, :n + m] = torch.tensor(prompt + answer, dtype=torch.long)
+        attention_mask[r, :n + m] = 1
+        labels[r, n:n + m] = torch.tensor(answer, dtype=torch.long)  # the prompt stays IGNORE_INDEX
+        lengths[r] = n + m
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict:
+    """Left-pad prompts for generation, so every row's next token goes in the same column.
+
+    Returns input_ids [B, P] and attention_mask [B, P] (0 on the left padding), long.
+    """
+    if not prompts:
+        raise ValueError("collate_prompts: no prompts to collate")
+    P = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)  # (B, P)
+    attention_mask = torch.zeros((len(prompts), P), dtype=torch.long)          # (B, P)
+    for r, p in enumerate(prompts):
+        if p:
+            input_ids[r, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[r, P - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------------------
+# Batching by length
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
+                           group_size_multiplier: int = DEFAULT_GROUP_SIZE_MULTIPLIER) -> list[list[int]]:
+    """Batches of indices with similar lengths, so little of each batch is padding.
+
+    Shuffle all indices, cut them into groups of batch_size * group_size_multiplier, sort each
+    group by length (longest first) and cut it into batches, then shuffle the batches. Every
+    index appears exactly once; only the very last group can leave a short batch. Batches
+    are still random (which pairs share a group is random); pass seed + epoch for a new order
+    each epoch.
+    """
+    if batch_size < 1 or group_size_multiplier < 1:
+        raise ValueError(f"batch_size={batch_size} and group_size_multiplier={group_size_multiplier} must be >= 1")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    group = batch_size * group_size_multiplier
+    batches = []
+    for start in range(0, len(order), group):
+        members = sorted(order[start:start + group], key=lambda i: -lengths[i])  # stable: deterministic
+        batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
+    rng.shuffle(batches)  # otherwise every group would run from long to short batches
+    return batches
+
+
+def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
+    """Share of the padded token slots that are padding: sum over batches of
+    (len(batch) * longest - sum of lengths) / sum of len(batch) * longest."""
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / slots if slots else 0.0

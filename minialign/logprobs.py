@@ -1,0 +1,128 @@
+"""Per-sequence log-probabilities of labelled response tokens.
+
+DPO and SimPO compare how likely a model finds two responses. Both need, for each
+row of a batch, the sum of log p(token | everything before it) over the response
+tokens only, and its mean per scored token (SimPO's length-normalised score).
+
+Labels are aligned with input_ids: labels[b, t] is the token at position t where that
+position is scored, and IGNORE_INDEX where it is not (prompt and padding). A causal LM's
+logits at position t predict token t+1, so both functions shift internally:
+logits[:, :-1] are scored against labels[:, 1:].
+
+The log-probability of one token is   log p(y) = z_y - logsumexp(z)   where z are the
+logits. Writing it that way (instead of log_softmax followed by gather) avoids keeping
+a second vocabulary-sized [*, V] tensor of log-probabilities. (bf16 logits still get one
+fp32 copy for logsumexp; the hidden-state path below limits that copy to scored positions.)
+
+Two entry points:
+  sequence_logprobs(logits, labels)                     from full logits [B, T, V]
+  sequence_logprobs_from_hidden(hidden, weight, labels) from final hidden states; only the
+      labelled positions are projected onto the vocabulary, which is where most of the
+      memory of a full [B, T, V] logits tensor goes (V is ~150k for Qwen).
+
+Shape legend: B batch, T time, C hidden size, V vocabulary, N labelled positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# The one value that marks a position as "not scored" (same convention as
+# torch.nn.functional.cross_entropy's default ignore_index).
+IGNORE_INDEX = -100
+
+
+def _shift(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets for next-token prediction: returns (targets [B, T-1], mask [B, T-1])."""
+    targets = labels[:, 1:]                      # (B, T-1): token t+1 is predicted at t
+    mask = targets != IGNORE_INDEX               # (B, T-1) bool
+    return targets, mask
+
+
+def _reduce(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean over scored tokens of each row; rows with no scored token give 0, not NaN."""
+    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))  # (B, T-1)
+    logps_sum = token_logps.sum(dim=-1)                                         # (B,)
+    n_tokens = mask.sum(dim=-1).clamp(min=1)                                    # (B,) avoid 0/0
+    return logps_sum, logps_sum / n_tokens
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and per-token mean of log p(label) over the labelled positions of each row.
+
+    Args:
+        logits: [B, T, V] any float dtype; logits[:, t] predict the token at t+1.
+        labels: [B, T] long, aligned with input_ids; IGNORE_INDEX marks unscored positions.
+    Returns:
+        (logps_sum [B], logps_mean [B]), both float32. A row with no labelled token gets 0.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    targets, mask = _shift(labels)
+    logits = logits[:, :-1]                                   # (B, T-1, V)
+    safe_targets = targets.masked_fill(~mask, 0)              # gather needs a valid index everywhere
+    # Picking one logit and casting it is exact, so gather in the input dtype: no [*, V] copy.
+    target_logits = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T-1)
+    # logsumexp in fp32 on purpose: in bf16 (8 mantissa bits) the sum over ~150k exponentials
+    # and the difference z_y - logsumexp lose about 2-3 decimal digits per token, and DPO
+    # then subtracts sums of hundreds of such numbers.
+    log_normaliser = torch.logsumexp(logits.float(), dim=-1)  # (B, T-1)
+    return _reduce(target_logits - log_normaliser, mask)
+
+
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for N positions: hidden [N, C], weight [V, C], targets [N] -> [N] float32."""
+    logits = F.linear(hidden, weight)                         # (N, V) in the hidden dtype, like the LM head
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (N,)
+    return target_logits - torch.logsumexp(logits.float(), dim=-1)  # fp32, as in sequence_logprobs
+
+
+def sequence_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as sequence_logprobs(hidden @ weight.T, labels), projecting only labelled positions.
+
+    Args:
+        hidden: [B, T, C] final hidden states (after the final norm).
+        weight: [V, C] the LM head (or tied embedding) weight, same dtype as hidden.
+        labels: [B, T] long, aligned with input_ids; IGNORE_INDEX marks unscored positions.
+        chunk_size: if given, project at most this many positions at a time and recompute
+            each chunk's logits in the backward pass, so peak memory is O(chunk_size * V)
+            instead of O(N * V). None: one projection of all N positions.
+    Returns:
+        (logps_sum [B], logps_mean [B]), both float32. A row with no labelled token gets 0.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"expected hidden [B, T, C], weight [V, C], labels [B, T]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    targets, mask = _shift(labels)                            # (B, T-1) each
+    rows = mask.nonzero(as_tuple=True)[0]                     # (N,) which row each labelled position is in
+    selected = hidden[:, :-1][mask]                           # (N, C) hidden states that predict a label
+    selected_targets = targets[mask]                          # (N,)
+
+    n = selected.shape[0]
+    step = n if chunk_size is None else chunk_size
+    pieces = []
+    for start in range(0, n, max(step, 1)):
+        h, y = selected[start:start + step], selected_targets[start:start + step]
+        if chunk_size is None:
+            pieces.append(_token_logps(h, weight, y))
+        else:
+            # Without recomputation autograd would keep every chunk's [chunk, V] logits alive
+            # until backward, and chunking would save nothing.
+            pieces.append(checkpoint(_token_logps, h, weight, y, use_reentrant=False))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+
+    batch = hidden.shape[0]
+    # Scatter-add each token's log-prob into its row: (N,) -> (B,).
+    logps_sum = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    n_tokens = mask.sum(dim=-1).clamp(min=1)                  # (B,) avoid 0/0 for rows with no label
+    return logps_sum, logps_sum / n_tokens
