@@ -181,7 +181,7 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
     after each optimizer step (DPO uses it for nothing; tests use it to observe)."""
     output = Path(args.output)
     global_batch = args.batch_size * args.grad_accum * env.world_size
-    lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in train_items] if args.group_by_length else None
+    lengths = [it.length for it in train_items] if args.group_by_length else None  # padded length of each pair
     steps_per_epoch = len(train_items) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
@@ -213,10 +213,13 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
     model.train()
     start_time, first_step = time.time(), step
     eval_metrics = None
+    epoch_batches = {}  # the current epoch's global batches: a seeded function of (seed, epoch)
     while step < total:
         t_step = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batch_ids = global_batches(len(train_items), global_batch, args.seed, epoch, lengths)[in_epoch]
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: global_batches(len(train_items), global_batch, args.seed, epoch, lengths)}
+        batch_ids = epoch_batches[epoch][in_epoch]
         micro = rank_micro_batches(batch_ids, env.rank, env.world_size, args.grad_accum)
         lr = learning_rate(step, total, args.lr, args.warmup_ratio)
         for group in optimizer.param_groups:
