@@ -1,0 +1,244 @@
+"""Evaluation statistics: accuracy and win rate with ties kept apart, bootstrap intervals,
+length bias, repetition, and the implicit reward of a DPO policy.
+
+The statistics are pure functions of plain numbers (numpy only), so they can be tested by hand;
+the summaries below assemble them into the dicts that evaluate.py writes to summary.json.
+Only `implicit_rewards` runs a model.
+
+Conventions used throughout:
+  * "correct" / "win" is a STRICT inequality: a tie (equal scores) is neither a win nor a loss
+    and is counted on its own, so accuracy + tie_rate + error_rate = 1. A model that scores
+    everything equally has accuracy 0 and tie_rate 1, never a flattering 0.5.
+  * Intervals are 95% percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13):
+    resample the items with replacement, recompute the statistic, take the 2.5% and 97.5%
+    quantiles. They describe the sampling noise of the evaluation set, not of training.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .collate import collate_pairs
+from .dpo import concatenated_logps
+
+N_RESAMPLES = 1000      # bootstrap resamples: the 2.5% quantile then rests on ~25 values, stable to ~0.5 pt
+CONFIDENCE = 0.95
+REPETITION_NGRAM = 3    # token 3-grams: long enough that ordinary text rarely repeats them by chance
+
+
+# ------------------------------------------------------------------------- basic statistics
+
+def bootstrap_ci(values, stat=np.mean, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                 confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(values).
+
+    values: (N,) numbers. stat: called as stat(samples, axis=-1) on an (n_resamples, N) array
+    (np.mean, np.median, ... all accept that). The same seed gives the same interval.
+    Returns (low, high); (nan, nan) for an empty input.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_resamples, values.size))  # (R, N) resampled indices
+    stats = stat(values[idx], axis=-1)  # (R,)
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def compare_scores(a, b) -> dict:
+    """How often a > b, a == b, a < b, pair by pair (the shared core of accuracy and win rate).
+
+    Returns counts (n, greater, ties, less) and the rates greater_rate, tie_rate, less_rate."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"compare_scores: shapes differ, {a.shape} vs {b.shape}")
+    n = int(a.size)
+    greater, ties = int((a > b).sum()), int((a == b).sum())
+    less = n - greater - ties
+    d = max(n, 1)  # rates of an empty comparison are 0, not a division error
+    return {"n": n, "greater": greater, "ties": ties, "less": less,
+            "greater_rate": greater / d, "tie_rate": ties / d, "less_rate": less / d}
+
+
+def accuracy_with_ties(better_scores, worse_scores) -> dict:
+    """Preference accuracy: the share of pairs where the better response scores strictly higher.
+
+    Returns n, correct, ties, wrong, accuracy, tie_rate, and accuracy_ties_half (a tie counted
+    as half right, the convention of some leaderboards; reported for comparison only)."""
+    c = compare_scores(better_scores, worse_scores)
+    n = max(c["n"], 1)
+    return {"n": c["n"], "correct": c["greater"], "ties": c["ties"], "wrong": c["less"],
+            "accuracy": c["greater_rate"], "tie_rate": c["tie_rate"],
+            "accuracy_ties_half": (c["greater"] + 0.5 * c["ties"]) / n}
+
+
+def win_rate(policy_scores, base_scores) -> dict:
+    """Win rate of the policy over the base on the same prompts: strictly higher reward.
+
+    Returns n, wins, ties, losses, win_rate, tie_rate, loss_rate."""
+    c = compare_scores(policy_scores, base_scores)
+    return {"n": c["n"], "wins": c["greater"], "ties": c["ties"], "losses": c["less"],
+            "win_rate": c["greater_rate"], "tie_rate": c["tie_rate"], "loss_rate": c["less_rate"]}
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation cov(x, y) / (std x * std y); nan when either side is constant
+    or there are fewer than two points (the correlation is undefined, not zero)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 2 or x.size != y.size:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
+
+
+def repetition_rate(token_ids, n: int = REPETITION_NGRAM) -> float:
+    """Share of a sequence's token n-grams that already occurred earlier in the same sequence.
+
+    = 1 - (distinct n-grams / all n-grams). 0 for text that never repeats an n-gram; it tends
+    to 1 for a degenerate loop ("the the the ..." has 3-gram repetition (L-3)/(L-2)).
+    Sequences shorter than n have no n-grams and count as 0.
+    Example: [1, 2, 3, 1, 2, 3] has 3-grams 123, 231, 312, 123 -> 1 repeat of 4 = 0.25.
+    """
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """(mean, population std) as floats; (nan, nan) when empty."""
+    v = np.asarray(values, dtype=float)
+    return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+
+
+# ------------------------------------------------------------------------------ length bias
+
+def length_bias(better_scores, worse_scores, better_lengths, worse_lengths) -> dict:
+    """Does the reward model simply prefer longer answers?
+
+    reward_length_pearson: correlation of reward with length over all 2N responses.
+    margin_length_pearson: correlation of (r_better - r_worse) with (len_better - len_worse),
+        which removes the prompt's effect (both answers share it).
+    accuracy_better_longer / _shorter / _equal: accuracy on the pairs where the human-preferred
+        answer is the longer one / the shorter one / as long; a length-driven model is good on
+        the first group and bad on the second.
+    prefers_longer_rate: share of unequal-length pairs where the longer answer scores higher.
+    better_is_longer_rate: the data's own bias; the accuracy of "always pick the longer answer".
+    """
+    b, w = np.asarray(better_scores, float), np.asarray(worse_scores, float)
+    lb, lw = np.asarray(better_lengths, float), np.asarray(worse_lengths, float)
+    longer, shorter, equal = lb > lw, lb < lw, lb == lw
+
+    def acc(mask):
+        return float((b[mask] > w[mask]).mean()) if mask.any() else float("nan")
+
+    unequal = ~equal
+    longer_score = np.where(longer, b, w)[unequal]   # score of the longer answer of each pair
+    shorter_score = np.where(longer, w, b)[unequal]
+    return {
+        "reward_length_pearson": pearson(np.concatenate([b, w]), np.concatenate([lb, lw])),
+        "margin_length_pearson": pearson(b - w, lb - lw),
+        "accuracy_better_longer": acc(longer), "n_better_longer": int(longer.sum()),
+        "accuracy_better_shorter": acc(shorter), "n_better_shorter": int(shorter.sum()),
+        "accuracy_equal_length": acc(equal), "n_equal_length": int(equal.sum()),
+        "prefers_longer_rate": float((longer_score > shorter_score).mean()) if unequal.any() else float("nan"),
+        "better_is_longer_rate": float(longer.mean()) if b.size else float("nan"),
+    }
+
+
+# -------------------------------------------------------------------------------- summaries
+
+def reward_model_summary(better_scores, better_lengths, worse_scores, worse_lengths,
+                         n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+    """Headline numbers of a reward model on held-out preference pairs (summary.json of `rm`)."""
+    b, w = np.asarray(better_scores, float), np.asarray(worse_scores, float)
+    acc = accuracy_with_ties(b, w)
+    margin = b - w
+    b_mean, b_std = mean_std(b)
+    w_mean, w_std = mean_std(w)
+    m_mean, m_std = mean_std(margin)
+    return {
+        **acc,
+        "accuracy_ci95": bootstrap_ci((b > w).astype(float), np.mean, n_resamples, seed),
+        "mean_margin": m_mean, "std_margin": m_std,
+        "mean_margin_ci95": bootstrap_ci(margin, np.mean, n_resamples, seed),
+        "better_reward_mean": b_mean, "better_reward_std": b_std,
+        "worse_reward_mean": w_mean, "worse_reward_std": w_std,
+        "length_bias": length_bias(b, w, better_lengths, worse_lengths),
+    }
+
+
+def policy_comparison_summary(base_scores, policy_scores, base_token_ids, policy_token_ids,
+                              base_finished, policy_finished, n_resamples: int = N_RESAMPLES,
+                              seed: int = 0) -> dict:
+    """Policy vs base on the same prompts (summary.json of `dpo`).
+
+    Besides the win rate and reward gain, per model: stop_rate (share of responses that ended
+    with an end-of-turn token rather than hitting max_new_tokens), mean length in tokens and
+    mean repetition_rate, so a policy that wins by rambling or looping is visible."""
+    base, pol = np.asarray(base_scores, float), np.asarray(policy_scores, float)
+    gain = pol - base
+    gain_mean, gain_std = mean_std(gain)
+
+    def per_model(scores, token_ids, finished):
+        mean, std = mean_std(scores)
+        return {"reward_mean": mean, "reward_std": std,
+                "stop_rate": float(np.mean(finished)) if len(finished) else float("nan"),
+                "mean_length_tokens": mean_std([len(t) for t in token_ids])[0],
+                f"repetition_{REPETITION_NGRAM}gram": mean_std([repetition_rate(t) for t in token_ids])[0]}
+
+    return {
+        **win_rate(pol, base),
+        "win_rate_ci95": bootstrap_ci((pol > base).astype(float), np.mean, n_resamples, seed),
+        "mean_gain": gain_mean, "std_gain": gain_std,
+        "mean_gain_ci95": bootstrap_ci(gain, np.mean, n_resamples, seed),
+        "base": per_model(base, base_token_ids, base_finished),
+        "policy": per_model(pol, policy_token_ids, policy_finished),
+    }
+
+
+def implicit_reward_summary(chosen_rewards, rejected_rewards, n_resamples: int = N_RESAMPLES,
+                            seed: int = 0) -> dict:
+    """Accuracy of the DPO implicit reward on preference pairs (summary.json of `implicit`)."""
+    c, r = np.asarray(chosen_rewards, float), np.asarray(rejected_rewards, float)
+    margin_mean, margin_std = mean_std(c - r)
+    return {**accuracy_with_ties(c, r),
+            "accuracy_ci95": bootstrap_ci((c > r).astype(float), np.mean, n_resamples, seed),
+            "mean_margin": margin_mean, "std_margin": margin_std,
+            "chosen_reward_mean": mean_std(c)[0], "rejected_reward_mean": mean_std(r)[0]}
+
+
+def top_k_changes(gains, k: int) -> tuple[list[int], list[int]]:
+    """Indices of the k largest gains (best first) and the k largest losses (worst first).
+    The two lists never share an index (with fewer than 2k items the losses list is shorter)."""
+    order = np.argsort(np.asarray(gains, float), kind="stable")  # ascending
+    best = [int(i) for i in order[::-1][:k]]
+    worst = [int(i) for i in order[:k] if int(i) not in best]
+    return best, worst
+
+
+# -------------------------------------------------------------------- DPO implicit reward
+
+def implicit_rewards(policy, ref_model, items, beta: float, batch_size: int, pad_token_id: int):
+    """DPO's implicit reward r(x, y) = beta * (log pi(y|x) - log ref(y|x)) (Rafailov et al. 2023,
+    eq. 5, up to beta * log Z(x), which cancels between chosen and rejected) of every pair.
+
+    items: TokenizedPairs (minialign.collate.tokenize_pairs). Returns four lists of floats:
+    chosen rewards, rejected rewards, policy log-probs [(chosen, rejected)], ref log-probs.
+    """
+    device = next(policy.parameters()).device
+    chosen, rejected, pol_lp, ref_lp = [], [], [], []
+    with torch.no_grad():  # evaluation only: no graph, half the memory
+        for start in range(0, len(items), batch_size):
+            batch = collate_pairs(items[start:start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            pc, pr = concatenated_logps(policy, batch)[0].double().chunk(2)   # (B,) each, summed log-probs
+            rc, rr = concatenated_logps(ref_model, batch)[0].double().chunk(2)
+            chosen += (beta * (pc - rc)).tolist()
+            rejected += (beta * (pr - rr)).tolist()
+            pol_lp += list(zip(pc.tolist(), pr.tolist()))
+            ref_lp += list(zip(rc.tolist(), rr.tolist()))
+    return chosen, rejected, pol_lp, ref_lp

@@ -1,0 +1,210 @@
+"""Figures: training curves of one or more runs, and the reward-model / DPO evaluation panels.
+
+Every function draws with matplotlib's Agg backend (no display needed, safe on a cluster node),
+saves one PNG and closes its figure so that long scripts do not accumulate open figures.
+Nothing here computes a statistic: the numbers come from minialign.evaluation or metrics.jsonl.
+"""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: render to files only, never try to open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+DPI = 110            # ~1.5k pixels wide for the multi-panel figures; sharp, and small files
+SMOOTH_WINDOW = 20   # train curves are noisy per step; a centred mean over 20 steps shows the trend
+HIST_BINS = 30       # at most: enough to see the shape of a few hundred rewards without gaps
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average; near the ends the window shrinks to what exists, so the curve
+    neither lags the raw line (as a trailing mean would) nor bends toward zero at the edges."""
+    if window <= 1 or len(values) < 2:
+        return values
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(len(values))
+    lo = np.clip(idx - window // 2, 0, len(values))
+    hi = np.clip(idx + (window + 1) // 2, 0, len(values))
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def _series(records: list[dict], split: str, metric: str):
+    """(steps, values) of one metric in one split, skipping records that lack it or are non-finite."""
+    pts = [(r["step"], float(r[metric])) for r in records
+           if r.get("split") == split and isinstance(r.get(metric), (int, float)) and np.isfinite(r[metric])]
+    pts.sort()
+    return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
+
+
+def _save(fig, out_path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
+def plot_training_curves(runs, out_path, metrics=("loss", "accuracy"), smooth: int = SMOOTH_WINDOW):
+    """One panel per metric; per run a thin raw train line, its smoothed trend, and eval markers.
+
+    runs: list of (label, records), records being the dicts of a run's metrics.jsonl
+    ({"step", "split": "train"|"eval", metric: value, ...}). Metrics found in no record are skipped;
+    if none is found a single panel says so, so the caller always gets a file. Returns the path.
+    """
+    present = [m for m in metrics if any(m in r for _, recs in runs for r in recs)]
+    n = max(1, len(present))
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.0), squeeze=False)
+    axes = axes[0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes, present):
+        for i, (label, records) in enumerate(runs):
+            color = colors[i % len(colors)]
+            steps, vals = _series(records, "train", metric)
+            if len(steps):
+                ax.plot(steps, vals, color=color, alpha=0.3, linewidth=0.8)
+                window = smooth if len(steps) > 2 * smooth else max(1, len(steps) // 5)
+                ax.plot(steps, _smooth(vals, window), color=color, linewidth=1.6,
+                        label=f"{label} train" + (f" (mean of {window})" if window > 1 else ""))
+            steps, vals = _series(records, "eval", metric)
+            if len(steps):
+                ax.plot(steps, vals, color=color, marker="o", markersize=5, linestyle="--",
+                        linewidth=1.0, label=f"{label} eval")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not present:
+        axes[0].text(0.5, 0.5, f"none of {list(metrics)} in the records", ha="center", va="center")
+        axes[0].set_axis_off()
+    fig.suptitle("training curves")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _n_bins(n: int) -> int:
+    """About 2 sqrt(n) bins, between 5 and HIST_BINS: a dozen values should not spread over 30 bins."""
+    return int(np.clip(2 * np.sqrt(max(n, 1)), 5, HIST_BINS))
+
+
+def _count_axis(ax):
+    ax.set_ylabel("count")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole numbers
+
+
+def _hist_pair(ax, a, b, label_a, label_b, xlabel):
+    """Two overlaid histograms on shared bins, so their shapes are directly comparable."""
+    both = np.concatenate([a, b])
+    bins = np.histogram_bin_edges(both, bins=_n_bins(len(a))) if both.size else HIST_BINS
+    ax.hist(a, bins=bins, alpha=0.55, label=f"{label_a} (mean {np.mean(a):.3g})" if len(a) else label_a)
+    ax.hist(b, bins=bins, alpha=0.55, label=f"{label_b} (mean {np.mean(b):.3g})" if len(b) else label_b)
+    ax.set_xlabel(xlabel)
+    _count_axis(ax)
+    ax.legend(fontsize=8)
+
+
+def _identity_line(ax, x, y):
+    """The y = x diagonal across the data range: points above it favour the y axis."""
+    both = np.concatenate([x, y])
+    if both.size:
+        lo, hi = float(both.min()), float(both.max())
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", linewidth=0.8, linestyle="--",
+                label="y = x")
+
+
+def rm_eval_figure(better, worse, out_path, title: str = "reward model on held-out pairs"):
+    """Four panels for a reward model on N preference pairs (better/worse: (N,) rewards):
+    box plot of the two reward sets; better vs worse scatter coloured by correctness with y = x;
+    the two reward distributions overlaid; the distribution of r_better - r_worse with 0 marked."""
+    b, w = np.asarray(better, float), np.asarray(worse, float)
+    correct = b > w
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+
+    ax = axes[0, 0]
+    ax.boxplot([b, w], showmeans=True)
+    ax.set_xticks([1, 2], ["better (chosen)", "worse (rejected)"])
+    ax.set_ylabel("reward")
+    ax.set_title("rewards of better vs worse responses")
+
+    ax = axes[0, 1]
+    ax.scatter(w[correct], b[correct], s=12, alpha=0.6, color="tab:green", label=f"correct ({correct.sum()})")
+    ax.scatter(w[~correct], b[~correct], s=12, alpha=0.6, color="tab:red", label=f"wrong or tie ({(~correct).sum()})")
+    _identity_line(ax, w, b)
+    ax.set_xlabel("reward of worse response")
+    ax.set_ylabel("reward of better response")
+    ax.set_title("per pair: above the diagonal = correct")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 0]
+    _hist_pair(ax, b, w, "better", "worse", "reward")
+    ax.set_title("reward distributions")
+
+    ax = axes[1, 1]
+    diff = b - w
+    ax.hist(diff, bins=_n_bins(diff.size), color="tab:purple", alpha=0.75)
+    ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="0 (tie)")
+    if diff.size:
+        ax.axvline(float(diff.mean()), color="tab:orange", linewidth=1.2, label=f"mean {diff.mean():.3g}")
+    ax.set_xlabel("r(better) - r(worse)")
+    _count_axis(ax)
+    ax.set_title(f"reward differences: {correct.mean() if b.size else float('nan'):.1%} > 0")
+    ax.legend(fontsize=8)
+
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title} (n = {b.size})")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
+                    title: str = "policy vs base, scored by the reward model"):
+    """Four panels for two models answering the same N prompts (rewards and lengths in tokens):
+    reward distributions overlaid; per-prompt gain r(policy) - r(base) with 0 marked;
+    base vs policy scatter with y = x; reward against response length for both models."""
+    b, p = np.asarray(base, float), np.asarray(policy, float)
+    lb, lp = np.asarray(base_lengths, float), np.asarray(policy_lengths, float)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+
+    ax = axes[0, 0]
+    _hist_pair(ax, b, p, "base", "policy", "reward")
+    ax.set_title("reward distributions")
+
+    ax = axes[0, 1]
+    gain = p - b
+    ax.hist(gain, bins=_n_bins(gain.size), color="tab:purple", alpha=0.75)
+    ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="0 (tie)")
+    if gain.size:
+        ax.axvline(float(gain.mean()), color="tab:orange", linewidth=1.2, label=f"mean {gain.mean():.3g}")
+    ax.set_xlabel("r(policy) - r(base), same prompt")
+    _count_axis(ax)
+    ax.set_title(f"per-prompt reward gain: policy wins {(gain > 0).mean() if gain.size else float('nan'):.1%}")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 0]
+    wins = p > b
+    ax.scatter(b[wins], p[wins], s=12, alpha=0.6, color="tab:green", label=f"policy higher ({wins.sum()})")
+    ax.scatter(b[~wins], p[~wins], s=12, alpha=0.6, color="tab:red", label=f"base higher or tie ({(~wins).sum()})")
+    _identity_line(ax, b, p)
+    ax.set_xlabel("reward of base response")
+    ax.set_ylabel("reward of policy response")
+    ax.set_title("per prompt: above the diagonal = policy wins")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    ax.scatter(lb, b, s=12, alpha=0.5, label="base")
+    ax.scatter(lp, p, s=12, alpha=0.5, label="policy")
+    ax.set_xlabel("response length (tokens)")
+    ax.set_ylabel("reward")
+    ax.set_title("reward vs length (a slope = length exploitation)")
+    ax.legend(fontsize=8)
+
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title} (n = {b.size})")
+    fig.tight_layout()
+    return _save(fig, out_path)

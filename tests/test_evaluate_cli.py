@@ -1,0 +1,184 @@
+"""evaluate.py end to end: tiny random models on a tiny preference file, every subcommand run as
+a user would (a subprocess from the repository root). Checks that each output is written, that
+figures are real PNGs, and that summary.json agrees with the per-item files it summarises.
+About 30 s on 2 CPU cores (most of it the interpreter and torch import of each subprocess)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minialign import load_model, load_tokenizer, save_model
+from minialign.collate import tokenize_pairs
+from minialign.data import load_preferences
+from minialign.evaluation import implicit_rewards
+from minialign.model import CausalLM, ModelConfig, RewardModel
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
+HH_RLHF = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MIN_FIGURE_BYTES = 10_000  # a blank 4-panel figure is already larger; an empty or failed save is not
+
+QUESTIONS = ["What is the capital of France?", "Can you write a short poem about the sea?",
+             "What is two plus two?", "How are you today?"]
+ANSWERS = ["Paris.", "The capital of France is Paris, a large city.", "Four.", "Two plus two is four.",
+           "The sea is blue and wide.", "I am fine, thank you.", "Sure.", "Hello!"]
+
+
+def run_cli(*args, timeout=120):
+    proc = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"evaluate.py {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def check_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > MIN_FIGURE_BYTES, f"{path} is only {len(data)} bytes"
+
+
+def tiny_config(tok):
+    return ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_tokenizer_dir):
+    """base and policy (two random causal LMs), a random reward model, and 16 align-anything
+    pairs over 4 prompts, where overall_response alternates between 1 and 2."""
+    root = tmp_path_factory.mktemp("eval_world")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    cfg = tiny_config(tok)
+    for name, seed, cls in (("base", 0, CausalLM), ("policy", 1, CausalLM), ("rm", 2, RewardModel)):
+        torch.manual_seed(seed)
+        save_model(cls(cfg), root / name, tok)
+    records = [{"question": QUESTIONS[i % 4], "response_1": ANSWERS[i % 8], "response_2": ANSWERS[(i + 3) % 8],
+                "overall_response": 1 + i % 2} for i in range(16)]
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"root": root, "data": data, "records": records, "tok": tok}
+
+
+def test_rm(world):
+    out = world["root"] / "eval_rm"
+    stdout = run_cli("rm", "--reward_model", world["root"] / "rm", "--data", world["data"], "--output", out,
+                     "--batch_size", 5, "--n_resamples", 200)
+    assert "accuracy" in stdout and str(out / "summary.json") in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = json.loads((out / "pairs.json").read_text())
+    check_png(out / "rm_eval.png")
+
+    assert summary["n"] == len(pairs) == 16
+    correct = [p["correct"] for p in pairs]
+    assert summary["accuracy"] == pytest.approx(np.mean(correct))
+    assert summary["ties"] == sum(p["tie"] for p in pairs)
+    assert summary["correct"] + summary["ties"] + summary["wrong"] == summary["n"]
+    lo, hi = summary["accuracy_ci95"]
+    assert 0 <= lo <= summary["accuracy"] <= hi <= 1
+    assert summary["mean_margin"] == pytest.approx(np.mean([p["better_reward"] - p["worse_reward"] for p in pairs]))
+    for p in pairs:
+        assert p["correct"] == (p["better_reward"] > p["worse_reward"])
+    # "better" is the response that overall_response names (the file's label, read independently).
+    for p, r in zip(pairs, world["records"]):
+        assert p["better"] == r[f"response_{r['overall_response']}"]
+    lb = summary["length_bias"]
+    assert -1 <= lb["reward_length_pearson"] <= 1 and "tokens" in lb["length_unit"]
+    assert lb["n_better_longer"] + lb["n_better_shorter"] + lb["n_equal_length"] == 16
+
+
+def test_dpo(world):
+    out = world["root"] / "eval_dpo"
+    root = world["root"]
+    run_cli("dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
+            "--data", world["data"], "--output", out, "--num_prompts", 10, "--max_new_tokens", 12,
+            "--temperature", 1.0, "--top_p", 0.95, "--batch_size", 3, "--top_k_report", 2, "--n_resamples", 200)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = json.loads((out / "generations.json").read_text())
+    check_png(out / "dpo_eval.png")
+    report = (out / "report.md").read_text()
+
+    assert summary["n"] == len(rows) == 4  # 16 pairs share 4 distinct prompts; --num_prompts 10 caps nothing
+    base = np.array([r["base"]["reward"] for r in rows])
+    pol = np.array([r["policy"]["reward"] for r in rows])
+    assert summary["win_rate"] == pytest.approx(np.mean(pol > base))
+    assert summary["ties"] == int(np.sum(pol == base))
+    assert summary["wins"] + summary["ties"] + summary["losses"] == 4
+    assert summary["mean_gain"] == pytest.approx(np.mean(pol - base))
+    lo, hi = summary["win_rate_ci95"]
+    assert 0 <= lo <= summary["win_rate"] <= hi <= 1
+    for who in ("base", "policy"):
+        lengths = [r[who]["length_tokens"] for r in rows]
+        assert all(0 <= n <= 12 for n in lengths)
+        assert summary[who]["mean_length_tokens"] == pytest.approx(np.mean(lengths))
+        assert summary[who]["stop_rate"] == pytest.approx(np.mean([r[who]["finished"] for r in rows]))
+        assert 0 <= summary[who]["repetition_3gram"] <= 1
+        # An unfinished response used its whole budget.
+        assert all(r[who]["length_tokens"] == 12 for r in rows if not r[who]["finished"])
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": q}] for q in QUESTIONS]
+    assert "2 largest gains" in report and "2 largest losses" in report and "| stopped with end of turn |" in report
+
+
+def test_implicit(world):
+    out = world["root"] / "eval_implicit"
+    root = world["root"]
+    run_cli("implicit", "--policy", root / "policy", "--ref_model", root / "base", "--data", world["data"],
+            "--output", out, "--beta", 0.5, "--batch_size", 4, "--n_resamples", 200)
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert summary["n"] == len(pairs) == 16
+    assert summary["accuracy"] == pytest.approx(np.mean([p["correct"] for p in pairs]))
+    lo, hi = summary["accuracy_ci95"]
+    assert 0 <= lo <= summary["accuracy"] <= hi <= 1
+    for p in pairs:  # r = beta * (log pi - log ref), DPO eq. 5
+        assert p["chosen_reward"] == pytest.approx(0.5 * (p["policy_logps"][0] - p["ref_logps"][0]), abs=1e-6)
+        assert p["rejected_reward"] == pytest.approx(0.5 * (p["policy_logps"][1] - p["ref_logps"][1]), abs=1e-6)
+
+
+def test_implicit_reward_is_zero_when_policy_is_reference(world):
+    """Invariant: a policy equal to its reference has implicit reward 0 on every answer, so every
+    pair ties (accuracy 0, tie rate 1) whatever the data."""
+    tok = world["tok"]
+    model = load_model(world["root"] / "base").eval()
+    items, _ = tokenize_pairs(tok, load_preferences(world["data"])[0])
+    chosen, rejected, _, _ = implicit_rewards(model, model, items, beta=0.1, batch_size=5,
+                                              pad_token_id=tok.pad_token_id)
+    assert chosen == [0.0] * 16 and rejected == [0.0] * 16
+
+
+def test_curves(world, tmp_path):
+    runs = []
+    for name, lr in (("run_a", 1e-5), ("run_b", 3e-5)):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"step": s, "split": "train", "loss": 0.7 / s, "accuracy": 0.5 + s / 100, "lr": lr}
+                for s in range(1, 31)] + [{"step": 30, "split": "eval", "loss": 0.05, "accuracy": 0.7}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "run_config.json").write_text(json.dumps({"lr": lr}))
+        runs.append(d)
+    out = tmp_path / "cmp"
+    stdout = run_cli("curves", *runs, "--output", out, "--metrics", "loss", "accuracy", "rewards/margins")
+    check_png(out / "curves.png")
+    assert "run_a (lr 1e-05)" in stdout and "run_b (lr 3e-05)" in stdout
+
+
+@pytest.mark.skipif(not HH_RLHF.is_file(), reason=f"shared data not found at {HH_RLHF} (set MINIALIGN_SHARED)")
+def test_rm_on_real_hh_rlhf(world):
+    """Real hh-rlhf transcripts (multi-turn prompts) through the tiny reward model, 12 sampled pairs."""
+    out = world["root"] / "eval_rm_hh"
+    run_cli("rm", "--reward_model", world["root"] / "rm", "--data", HH_RLHF, "--output", out,
+            "--num_pairs", 12, "--max_length", 256, "--n_resamples", 200)
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = json.loads((out / "pairs.json").read_text())
+    check_png(out / "rm_eval.png")
+    assert summary["n"] == len(pairs) == 12 and summary["data_read"] == 2312
+    assert summary["accuracy"] == pytest.approx(np.mean([p["correct"] for p in pairs]))
+    lines = [p["line"] for p in pairs]
+    assert lines == sorted(lines) and len(set(lines)) == 12  # a subset without repeats, in file order
+    assert all(p["prompt"][-1]["role"] == "user" for p in pairs)
