@@ -10,18 +10,15 @@ reference and loads none. Output: runs/dpo/model/ (causal-LM layout with tokeniz
 metrics.jsonl, curves.png, run_config.json, checkpoints/.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.collate import tokenize_pairs
-from minialign.data import load_preferences, split_by_prompt
 from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.dpo import LOSS_TYPES, dpo_objective, precompute_reference_logps
 from minialign.plots import plot_training_curves
-from minialign.train import add_training_args, train
+from minialign.train import add_training_args, prepare_pairs, resolve_data_defaults, train, write_run_config
 
 
 def parse_args(argv=None):
@@ -43,34 +40,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     env = init_distributed(args.dist_timeout)
-    if args.model is None or args.data is None:
-        from minialign.demo import demo_paths
-
-        demo = demo_paths(env)
-        args.model = args.model or str(demo.base_model)
-        if args.data is None:
-            args.data, args.eval_data = str(demo.train_data), args.eval_data or str(demo.eval_data)
+    resolve_data_defaults(args, env)
     torch.manual_seed(args.seed)
+    write_run_config(args, env)
     output = Path(args.output)
-    if env.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "run_config.json").write_text(json.dumps({**vars(args), "world_size": env.world_size}, indent=2))
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model)
-    pairs, report = load_preferences(args.data, args.data_format, strict=args.strict)
-    if args.eval_data:
-        train_pairs = pairs
-        eval_pairs, eval_report = load_preferences(args.eval_data, args.data_format, strict=args.strict)
-        print0(env, eval_report.summary())
-    else:
-        train_pairs, eval_pairs = split_by_prompt(pairs, eval_fraction=args.eval_split, seed=args.seed)
-    tok_args = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                    truncation=args.truncation, strict=args.strict)
-    train_items, train_stats = tokenize_pairs(tokenizer, train_pairs, report=report, **tok_args)
-    eval_items, eval_stats = tokenize_pairs(tokenizer, eval_pairs, **tok_args)
-    print0(env, report.summary())
-    print0(env, f"train: {train_stats.summary()}\neval:  {eval_stats.summary()}")
+    train_items, eval_items = prepare_pairs(args, env, tokenizer)
 
     # 2. Policy, and the frozen reference (none for SimPO).
     policy = load_model(args.model, device=env.device)

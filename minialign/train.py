@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from .collate import collate_pairs
+from .collate import collate_pairs, tokenize_pairs
+from .data import load_preferences, split_by_prompt
 from .distributed import GradReducer, all_reduce_sums, barrier, print0
 from .resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .sampler import eval_shard, global_batches, rank_micro_batches
@@ -43,6 +44,8 @@ def add_training_args(parser: argparse.ArgumentParser):
     a("--eval_data", help="held-out preferences; default: --eval_split of --data")
     a("--eval_split", type=float, default=0.1, help="fraction of --data prompts held out when --eval_data is absent")
     a("--strict", action="store_true", help="any skipped record is an error instead of a counted skip")
+    a("--pku_label_key", default="better_response_id", choices=["better_response_id", "safer_response_id"],
+      help="PKU-SafeRLHF: which label decides the chosen response")
     a("--output", help="run folder: metrics.jsonl, curves, checkpoints/, model/")
     a("--epochs", type=float, default=1.0, help="passes over the training pairs")
     a("--max_steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
@@ -68,6 +71,46 @@ def add_training_args(parser: argparse.ArgumentParser):
     a("--bucket_mb", type=float, default=25.0, help="data parallel: gradient bucket size in MB")
     a("--dist_timeout", type=int, default=1800, help="data parallel: seconds before a stuck collective fails")
     return parser
+
+
+def resolve_data_defaults(args, env):
+    """No --model / --data: use the demo world (built under runs/demo/ on first use)."""
+    if args.model is None or args.data is None:
+        from .demo import demo_paths
+
+        demo = demo_paths(env)
+        args.model = args.model or str(demo.base_model)
+        if args.data is None:
+            args.data, args.eval_data = str(demo.train_data), args.eval_data or str(demo.eval_data)
+
+
+def write_run_config(args, env):
+    """The resolved arguments, so a run folder says exactly how it was made."""
+    if env.is_main:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        config = {**vars(args), "world_size": env.world_size}
+        (Path(args.output) / "run_config.json").write_text(json.dumps(config, indent=2))
+
+
+def prepare_pairs(args, env, tokenizer):
+    """Load, report, split by prompt (unless --eval_data) and tokenize -> (train_items, eval_items)."""
+    load = dict(data_format=args.data_format, strict=args.strict, pku_label_key=args.pku_label_key)
+    pairs, report = load_preferences(args.data, **load)
+    if args.eval_data:
+        train_pairs = pairs
+        eval_pairs, eval_report = load_preferences(args.eval_data, **load)
+    else:
+        train_pairs, eval_pairs = split_by_prompt(pairs, eval_fraction=args.eval_split, seed=args.seed)
+        eval_report = None
+    tok = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+               truncation=args.truncation, strict=args.strict)
+    train_items, train_stats = tokenize_pairs(tokenizer, train_pairs, report=report, **tok)
+    eval_items, eval_stats = tokenize_pairs(tokenizer, eval_pairs, report=eval_report, **tok)
+    print0(env, report.summary())
+    if eval_report is not None:
+        print0(env, eval_report.summary())
+    print0(env, f"train: {train_stats.summary()}\neval:  {eval_stats.summary()}")
+    return train_items, eval_items
 
 
 @dataclass
