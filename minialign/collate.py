@@ -1,4 +1,4 @@
-"""From preference pairs to padded tensors: tokenize, truncate, collate, batch by length.
+"""From preference pairs to padded tensors: tokenize, truncate, collate.
 
 A pair is one prompt and two answers. We render it with the chat template twice,
 
@@ -32,7 +32,6 @@ Shape legend: B pairs in a batch, T padded sequence length, P padded prompt leng
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +39,6 @@ import torch
 from .logprobs import IGNORE_INDEX
 
 TRUNCATION_MODES = ("drop", "keep_end")
-# Pairs sorted by length inside groups of batch_size * this many; larger groups pad less,
-# smaller ones keep batches more random. 50 is the "megabatch" size of HF's LengthGroupedSampler.
-DEFAULT_GROUP_SIZE_MULTIPLIER = 50
 # tokenize_pairs encodes this many pairs per call: big enough for the Rust tokenizer's parallelism,
 # small enough that the full-conversation token lists of a large data set never coexist in memory.
 ENCODE_CHUNK_PAIRS = 512
@@ -221,39 +217,3 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict:
             input_ids[r, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attention_mask[r, P - len(p):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-# ----------------------------------------------------------------------------------------
-# Batching by length
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
-                           group_size_multiplier: int = DEFAULT_GROUP_SIZE_MULTIPLIER) -> list[list[int]]:
-    """Batches of indices with similar lengths, so little of each batch is padding.
-
-    Shuffle all indices, cut them into groups of batch_size * group_size_multiplier, sort each
-    group by length (longest first) and cut it into batches, then shuffle the batches. Every
-    index appears exactly once; only the very last group can leave a short batch. Batches
-    are still random (which pairs share a group is random); pass seed + epoch for a new order
-    each epoch.
-    """
-    if batch_size < 1 or group_size_multiplier < 1:
-        raise ValueError(f"batch_size={batch_size} and group_size_multiplier={group_size_multiplier} must be >= 1")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    group = batch_size * group_size_multiplier
-    batches = []
-    for start in range(0, len(order), group):
-        members = sorted(order[start:start + group], key=lambda i: -lengths[i])  # stable: deterministic
-        batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
-    rng.shuffle(batches)  # otherwise every group would run from long to short batches
-    return batches
-
-
-def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
-    """Share of the padded token slots that are padding: sum over batches of
-    (len(batch) * longest - sum of lengths) / sum of len(batch) * longest."""
-    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-    real = sum(lengths[i] for b in batches for i in b)
-    return 1.0 - real / slots if slots else 0.0

@@ -31,7 +31,7 @@ from .collate import collate_pairs, tokenize_pairs
 from .data import load_preferences, split_by_prompt
 from .distributed import GradReducer, all_reduce_sums, barrier, print0
 from .resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from .sampler import eval_shard, global_batches, rank_micro_batches
+from .sampler import eval_shard, global_batches, padding_fraction, rank_micro_batches
 
 
 def add_training_args(parser: argparse.ArgumentParser):
@@ -60,6 +60,7 @@ def add_training_args(parser: argparse.ArgumentParser):
     a("--max_prompt_length", type=int, default=256, help="max prompt tokens (the end of the prompt is kept)")
     a("--truncation", default="keep_end", choices=["keep_end", "drop"], help="over-long pairs: truncate or drop")
     a("--group_by_length", action="store_true", help="batch pairs of similar length to cut padding")
+    a("--pad_to_multiple_of", type=int, default=None, help="round each batch's length up (e.g. 8 for tensor cores)")
     a("--gradient_checkpointing", action="store_true", help="recompute each layer in backward: less memory, ~30%% more time")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast matmuls, fp32 master weights")
     a("--seed", type=int, default=0, help="seeds initialisation, data order and split")
@@ -232,6 +233,16 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
             f"(batch_size {args.batch_size} x grad_accum {args.grad_accum} x world_size {env.world_size})"
         )
     total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    first_epoch = global_batches(len(train_items), global_batch, args.seed, 0, lengths)
+    def row_lengths(i):  # a pair is two rows of the [2B, T] batch
+        it = train_items[i]
+        return [len(it.prompt_ids) + len(it.chosen_ids), len(it.prompt_ids) + len(it.rejected_ids)]
+
+    micro_lengths = [sum((row_lengths(i) for i in mb), []) for b in first_epoch for r in range(env.world_size)
+                     for mb in rank_micro_batches(b, r, env.world_size, args.grad_accum)]
+    print0(env, f"{len(train_items)} training pairs, global batch {global_batch}, {steps_per_epoch} steps per epoch, "
+                f"{total} steps; padding {100 * padding_fraction(micro_lengths):.1f}% of batch slots"
+                f"{' (grouped by length)' if lengths else ''}")
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     reducer = GradReducer(model, env, bucket_mb=args.bucket_mb)
 
@@ -269,7 +280,7 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
             group["lr"] = lr
         sums: dict[str, float] = {}
         for m, indices in enumerate(micro):
-            batch = move(make_batch(train_items, indices, pad_id), env.device)
+            batch = move(make_batch(train_items, indices, pad_id, args.pad_to_multiple_of), env.device)
             reducer.set_sync(m == len(micro) - 1)  # communicate only after the last micro-step
             with autocast_context(args.dtype, env.device):
                 loss_sum, metric_sums = objective.compute(model, batch)

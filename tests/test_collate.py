@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minialign.collate import (
-    PairSkipped, TokenizedPair, collate_pairs, collate_prompts, length_grouped_batches, padding_fraction,
+    PairSkipped, TokenizedPair, collate_pairs, collate_prompts,
     tokenize_pair, tokenize_pairs,
 )
 from minialign.data import LoadReport, PreferencePair
@@ -204,27 +204,3 @@ def test_not_prefix_is_reported():
 def _skewed_lengths(n=1000, seed=0):
     rng = random.Random(seed)
     return [int(rng.lognormvariate(5, 0.8)) + 1 for _ in range(n)]
-
-
-def test_length_grouped_batches_cover_each_index_once():
-    lengths = _skewed_lengths(1003)
-    batches = length_grouped_batches(lengths, batch_size=8, seed=1, group_size_multiplier=10)
-    assert sorted(i for b in batches for i in b) == list(range(1003))
-    assert sorted(len(b) for b in batches)[1:] == [8] * (len(batches) - 1)  # one short batch: 1003 = 125*8 + 3
-    assert batches == length_grouped_batches(lengths, 8, seed=1, group_size_multiplier=10)  # seeded
-    assert batches != length_grouped_batches(lengths, 8, seed=2, group_size_multiplier=10)
-
-
-def test_length_grouping_lowers_padding():
-    """Random batches of skewed lengths are roughly half padding; grouped ones a few percent."""
-    lengths = _skewed_lengths()
-    order = list(range(len(lengths)))
-    random.Random(0).shuffle(order)
-    random_batches = [order[i:i + 8] for i in range(0, len(order), 8)]
-    grouped = length_grouped_batches(lengths, batch_size=8, seed=0)
-    assert padding_fraction(grouped, lengths) < 0.2 * padding_fraction(random_batches, lengths)
-
-
-def test_padding_fraction_by_hand():
-    """Batches [[0, 1], [2]], lengths [2, 4, 3]: slots 2*4 + 1*3 = 11, real 9, padding 2/11."""
-    assert padding_fraction([[0, 1], [2]], [2, 4, 3]) == pytest.approx(2 / 11)
