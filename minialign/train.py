@@ -207,13 +207,15 @@ def evaluate(model, objective: Objective, items, args, env, pad_id) -> dict:
     mine = eval_shard(len(items), env.rank, env.world_size)
     bs = args.eval_batch_size or args.batch_size
     sums: dict[str, float] = {}
-    for start in range(0, len(mine), bs):
-        batch = move(make_batch(items, mine[start : start + bs], pad_id), env.device)
+    # A rank with no eval pair (fewer pairs than ranks) scores pair 0 with weight 0, so that
+    # every rank reduces the same metric names in the same order.
+    weight = 1.0 if mine else 0.0
+    for start in range(0, max(len(mine), 1), bs):
+        batch = move(make_batch(items, mine[start : start + bs] or [0], pad_id), env.device)
         with autocast_context(args.dtype, env.device):
             loss_sum, metric_sums = objective.compute(model, batch)
-        accumulate(sums, {"loss": loss_sum, **metric_sums})
-    keys = sorted(set(sums) | {"loss", "pairs"})  # every rank must reduce the same keys
-    sums = all_reduce_sums({k: sums.get(k, 0.0) for k in keys}, env)
+        accumulate(sums, {k: weight * v for k, v in {"loss": loss_sum, **metric_sums}.items()})
+    sums = all_reduce_sums(sums, env)
     model.train(was_training)
     return objective.summarize(sums)
 
