@@ -74,8 +74,11 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for N positions: hidden [N, C], weight [V, C], targets [N] -> [N] float32."""
     logits = F.linear(hidden, weight)                         # (N, V) in the hidden dtype, like the LM head
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (N,)
-    return target_logits - torch.logsumexp(logits.float(), dim=-1)  # fp32, as in sequence_logprobs
+    # z_y - logsumexp(z) is exactly minus the cross-entropy of target y. F.cross_entropy computes it
+    # with one fused log_softmax and gets a fused backward (softmax - one-hot), where logsumexp
+    # + gather take ~6 passes over the (N, V) logits and allocate ~2x more (N, V) temporaries:
+    # ~1.5x faster forward + backward on CPU at V = 152k. fp32, as in sequence_logprobs.
+    return -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
 
 
 def sequence_logprobs_from_hidden(

@@ -154,29 +154,37 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # mean(x^2) = ||x||^2 / C: vector_norm reads x once, where pow then mean take two passes.
+        mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # (..., 1)
+        x = x * torch.rsqrt(mean_sq + self.eps)
         return self.weight * x.to(dtype)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float):
-    """cos, sin of the rotary angles, (B, T, D) in fp32: position p rotates pair i by p * theta^(-2i/D).
+    """cos and signed sin of the rotary angles, (B, T, D) each in fp32: position p rotates the
+    pair (i, i + D/2) by the angle p * theta^(-2i/D).
 
+    The sin comes with its first half negated ([-sin, sin]), ready for apply_rope's roll.
     fp32 on purpose: in bf16, positions above a few hundred lose their low bits and the angles drift.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): rotate-half pairs dim i with i + D/2
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, D) each
 
 
-def apply_rope(x, cos, sin):
-    """Rotate-half RoPE (Su et al. 2021, eq. 34 in the half-split layout) on x (B, nh, T, D), in fp32."""
+def apply_rope(x, cos, signed_sin):
+    """Rotate-half RoPE (Su et al. 2021, eq. 34 in the half-split layout) on x (B, nh, T, D), in fp32:
+    x * cos + rotate_half(x) * sin, where rotate_half([x1, x2]) = [-x2, x1].
+
+    rotate_half(x) * sin = roll(x, D/2) * [-sin, sin]: one roll replaces split, negate and concatenate,
+    and addcmul fuses the multiply-add. Fewer passes over q and k (elementwise passes are a
+    visible share of a CPU training step).
+    """
     dtype = x.dtype
     x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D) broadcast over heads
-    return (x * cos + rotated * sin).to(dtype)
+    cos, signed_sin = cos[:, None], signed_sin[:, None]  # (B, 1, T, D) broadcast over heads
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin).to(dtype)
 
 
 class KVCache:
