@@ -24,7 +24,8 @@ import torch
 
 from common import SHAPES, Report, device_and_dtype, environment, save_random_checkpoint, sync
 from minialign import load_model
-from minialign.generate import generate_tokens, left_pad
+from minialign.collate import collate_prompts
+from minialign.generate import generate_tokens
 
 
 def random_prompts(shape, batch, low, high, seed=0):
@@ -80,7 +81,8 @@ def main(argv=None):
             if AutoModelForCausalLM is not None:
                 theirs = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, attn_implementation="sdpa").to(device)
                 theirs.eval()
-                ids, mask = left_pad(prompts, cfg["pad_token_id"], device)
+                padded = collate_prompts(prompts, cfg["pad_token_id"])
+                ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
 
                 @torch.no_grad()
                 def run_theirs():

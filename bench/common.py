@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from minialign.collate import TokenizedPair, collate_pairs  # noqa: E402
-from minialign.model import ModelConfig, model_flops_per_token  # noqa: E402
+from minialign.model import ModelConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 
@@ -48,6 +48,19 @@ SHAPES = {
     "qwen0.5b": dict(QWEN05, num_hidden_layers=24),  # the full Qwen2.5-0.5B shape
 }
 
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token: 2 x (parameters in matmuls) + attention scores and values.
+
+    Attention per token and layer: QK^T and AV are each 2 * T * H * D multiply-adds over the
+    causal half on average, i.e. 2 * 2 * (T/2) * H * D."""
+    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    HD, KD = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = C * HD + 2 * C * KD + HD * C + 3 * C * I
+    matmul_params = L * per_layer + cfg.vocab_size * C
+    attention = L * 2 * 2 * (seq_len / 2) * HD
+    return 2 * matmul_params + attention
 
 def device_and_dtype():
     """fp32 on CPU, bf16 autocast where a GPU is present (the issue's rule)."""

@@ -99,11 +99,17 @@ def _answer_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], which: st
             f"{tokenizer.decode(prompt_ids[k:k + 3])!r} vs {tokenizer.decode(full_ids[k:k + 3])!r} "
             f"(an answer starting with text that merges with the prompt's end, such as a newline?)"))
     answer = full_ids[n:]
-    eot = tokenizer.end_of_turn_token_id
-    if eot not in answer:
+    if tokenizer.end_of_turn_token_id not in answer:
         raise ValueError(f"line {line}: the chat template did not end the {which} turn with <|im_end|>")
-    end = len(answer) - answer[::-1].index(eot)  # one past the last <|im_end|>
-    return answer[:end]
+    return through_last_end_of_turn(answer, tokenizer.end_of_turn_token_id)
+
+
+def through_last_end_of_turn(ids: list[int], end_of_turn: int) -> list[int]:
+    """ids up to and including the last end-of-turn token (the template's "\n" after it is cut);
+    unchanged when there is none."""
+    if end_of_turn not in ids:
+        return ids
+    return ids[: len(ids) - ids[::-1].index(end_of_turn)]
 
 
 def _tokenized(tokenizer, pair, ids: list[list[int]], max_length, max_prompt_length, truncation) -> TokenizedPair:

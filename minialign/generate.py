@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collate import collate_prompts
 from .model import KVCache
 
 
@@ -30,17 +31,6 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
         text = p if isinstance(p, str) else tokenizer.apply_chat_template(p, add_generation_prompt=True)
         out.append(tokenizer.encode(text))
     return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device=None):
-    """Token lists -> left-padded (B, P) ids and mask."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, P - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator):
@@ -112,7 +102,8 @@ def generate_tokens(
 
 def _generate_batch(model, prompts, eos_ids, pad_id, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device):
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    ids, mask = left_pad(prompts, pad_id, device)  # (B, P)
+    batch = collate_prompts(prompts, pad_id)  # left-padded (B, P)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     B, P = ids.shape
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype) if use_cache else None

@@ -398,20 +398,7 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token: 2 x (parameters in matmuls) + attention scores and values.
-
-    Attention per token and layer: QK^T and AV are each 2 * T * H * D multiply-adds over the
-    causal half on average, i.e. 2 * 2 * (T/2) * H * D."""
-    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    HD, KD = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = C * HD + 2 * C * KD + HD * C + 3 * C * I
-    matmul_params = L * per_layer + cfg.vocab_size * C
-    attention = L * 2 * 2 * (seq_len / 2) * HD
-    return 2 * matmul_params + attention
-
-
 __all__ = [
     "ModelConfig", "CausalLM", "RewardModel", "KVCache", "RMSNorm", "last_token_index",
-    "num_parameters", "model_flops_per_token",
+    "num_parameters",
 ]

@@ -116,6 +116,18 @@ def _identity_line(ax, x, y):
                 label="y = x")
 
 
+def _difference_hist(ax, diff, xlabel: str, title: str):
+    """Histogram of per-item differences with 0 (a tie) and the mean marked."""
+    ax.hist(diff, bins=_n_bins(diff.size), color="tab:purple", alpha=0.75)
+    ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="0 (tie)")
+    if diff.size:
+        ax.axvline(float(diff.mean()), color="tab:orange", linewidth=1.2, label=f"mean {diff.mean():.3g}")
+    ax.set_xlabel(xlabel)
+    _count_axis(ax)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def rm_eval_figure(better, worse, out_path, title: str = "reward model on held-out pairs"):
     """Four panels for a reward model on N preference pairs (better/worse: (N,) rewards):
     box plot of the two reward sets; better vs worse scatter coloured by correctness with y = x;
@@ -143,16 +155,8 @@ def rm_eval_figure(better, worse, out_path, title: str = "reward model on held-o
     _hist_pair(ax, b, w, "better", "worse", "reward")
     ax.set_title("reward distributions")
 
-    ax = axes[1, 1]
-    diff = b - w
-    ax.hist(diff, bins=_n_bins(diff.size), color="tab:purple", alpha=0.75)
-    ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="0 (tie)")
-    if diff.size:
-        ax.axvline(float(diff.mean()), color="tab:orange", linewidth=1.2, label=f"mean {diff.mean():.3g}")
-    ax.set_xlabel("r(better) - r(worse)")
-    _count_axis(ax)
-    ax.set_title(f"reward differences: {correct.mean() if b.size else float('nan'):.1%} > 0")
-    ax.legend(fontsize=8)
+    _difference_hist(axes[1, 1], b - w, "r(better) - r(worse)",
+                     f"reward differences: {correct.mean() if b.size else float('nan'):.1%} > 0")
 
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -174,16 +178,9 @@ def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
     _hist_pair(ax, b, p, "base", "policy", "reward")
     ax.set_title("reward distributions")
 
-    ax = axes[0, 1]
     gain = p - b
-    ax.hist(gain, bins=_n_bins(gain.size), color="tab:purple", alpha=0.75)
-    ax.axvline(0.0, color="black", linewidth=1.0, linestyle="--", label="0 (tie)")
-    if gain.size:
-        ax.axvline(float(gain.mean()), color="tab:orange", linewidth=1.2, label=f"mean {gain.mean():.3g}")
-    ax.set_xlabel("r(policy) - r(base), same prompt")
-    _count_axis(ax)
-    ax.set_title(f"per-prompt reward gain: policy wins {(gain > 0).mean() if gain.size else float('nan'):.1%}")
-    ax.legend(fontsize=8)
+    _difference_hist(axes[0, 1], gain, "r(policy) - r(base), same prompt",
+                     f"per-prompt reward gain: policy wins {(gain > 0).mean() if gain.size else float('nan'):.1%}")
 
     ax = axes[1, 0]
     wins = p > b

@@ -41,8 +41,12 @@ def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor]):
+    by_param: dict[str, dict] = {}  # '<name>.exp_avg' -> by_param[name]['exp_avg']
+    for key, value in tensors.items():
+        name, field = key.rsplit(".", 1)
+        by_param.setdefault(name, {})[field] = value
     for name, p in model.named_parameters():
-        state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        state = by_param.get(name)
         if state:
             # moments live with the parameter; AdamW keeps `step` as a CPU scalar tensor
             optimizer.state[p] = {k: (v if k == "step" else v.to(p.device, p.dtype)) for k, v in state.items()}

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .collate import through_last_end_of_turn
 from .losses import bradley_terry_loss
 from .train import Objective
 
@@ -51,10 +52,7 @@ def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: i
 
     Too long: the start of the conversation is cut, since the reward is read at the end."""
     text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}])
-    ids = tokenizer.encode(text)
-    eot = tokenizer.end_of_turn_token_id
-    if eot in ids:
-        ids = ids[: len(ids) - ids[::-1].index(eot)]  # drop the template's "\n" after the last <|im_end|>
+    ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_token_id)
     return ids[-max_length:] if max_length else ids
 
 

@@ -181,9 +181,17 @@ def _fmt_time(seconds: float) -> str:
 
 
 def accumulate(sums: dict, values: dict):
-    """sums[k] += values[k] as Python floats (one host sync per value; fine at this scale)."""
+    """sums[k] += values[k], keeping tensors where they are: no host sync per metric."""
     for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + (v.detach().item() if torch.is_tensor(v) else float(v))
+        sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
+
+
+def as_floats(sums: dict) -> dict[str, float]:
+    """Accumulated sums as Python floats, fetched from the device in one transfer."""
+    keys = sorted(sums)
+    device = next((v.device for v in sums.values() if torch.is_tensor(v)), "cpu")
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    return dict(zip(keys, values.tolist()))
 
 
 def move(batch: dict, device) -> dict:
@@ -206,7 +214,7 @@ def evaluate(model, objective: Objective, items, args, env, pad_id) -> dict:
     model.eval()
     mine = eval_shard(len(items), env.rank, env.world_size)
     bs = args.eval_batch_size or args.batch_size
-    sums: dict[str, float] = {}
+    sums: dict = {}
     # A rank with no eval pair (fewer pairs than ranks) scores pair 0 with weight 0, so that
     # every rank reduces the same metric names in the same order.
     weight = 1.0 if mine else 0.0
@@ -215,7 +223,7 @@ def evaluate(model, objective: Objective, items, args, env, pad_id) -> dict:
         with autocast_context(args.dtype, env.device):
             loss_sum, metric_sums = objective.compute(model, batch)
         accumulate(sums, {k: weight * v for k, v in {"loss": loss_sum, **metric_sums}.items()})
-    sums = all_reduce_sums(sums, env)
+    sums = all_reduce_sums(as_floats(sums), env)
     model.train(was_training)
     return objective.summarize(sums)
 
@@ -269,7 +277,7 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
     model.train()
     start_time, first_step = time.time(), step
     eval_metrics = None
-    epoch_batches = {}  # the current epoch's global batches: a seeded function of (seed, epoch)
+    epoch_batches = {0: first_epoch}  # the current epoch's global batches: a function of (seed, epoch)
     while step < total:
         t_step = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -280,7 +288,7 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
         lr = learning_rate(step, total, args.lr, args.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict = {}
         for m, indices in enumerate(micro):
             batch = move(make_batch(train_items, indices, pad_id, args.pad_to_multiple_of), env.device)
             reducer.set_sync(m == len(micro) - 1)  # communicate only after the last micro-step
@@ -298,7 +306,7 @@ def train(model, objective: Objective, train_items, eval_items, args, env, token
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        sums = all_reduce_sums(dict(sorted(sums.items())), env)
+        sums = all_reduce_sums(as_floats(sums), env)
         now = time.time()
         record = {"step": step, "split": "train", **objective.summarize(sums), "lr": lr,
                   "grad_norm": float(grad_norm), "tokens_per_s": sums["tokens"] / max(now - t_step, 1e-9),

@@ -4,8 +4,6 @@ The judge is checked on hand-written answers; the data against the judge (every 
 answer obeys the rule, every worse one breaks it) and against load_preferences.
 """
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import pytest
 
 from minialign import load_model, load_tokenizer
 from minialign.data import load_preferences
-from minialign.demo import (MARKER, BaseModelSettings, build_world, demo_paths, kind_of, make_preference_data,
-                            preferred, world_facts)
+from minialign.demo import MARKER, BaseModelSettings, build_world, demo_paths
+from minialign.demo_world import kind_of, make_preference_data, preferred, world_facts
 
 REPO = Path(__file__).resolve().parents[1]
 # A base model small enough to train in a second: enough to test the build, not to learn.
