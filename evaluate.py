@@ -7,8 +7,9 @@
 
 rm:       accuracy of a reward model on preference pairs (95% bootstrap interval, ties apart),
           margins, reward statistics, length bias -> summary.json, pairs.json, rm_eval.png.
-dpo:      base and policy answer the same prompts (same seed); the reward model scores both;
-          win rate, reward gain, stop rate, length and repetition of both -> summary.json,
+dpo:      base and policy answer the same prompts (same seed), --samples_per_prompt times each;
+          the reward model scores every answer; win rate and reward gain per prompt (on the mean
+          reward of its answers), stop rate, length and repetition of both -> summary.json,
           generations.json, dpo_eval.png, report.md (with the largest gains and losses).
 implicit: accuracy of DPO's implicit reward beta * log(pi / ref) on pairs -> summary.json, pairs.json.
 curves:   training curves of several runs (their metrics.jsonl) in one curves.png.
@@ -28,7 +29,7 @@ from minialign import generate, load_model, load_tokenizer
 from minialign.collate import tokenize_pairs
 from minialign.data import load_preferences, prompts_view
 from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
-                                  policy_comparison_summary, repetition_rate, reward_model_summary, top_k_changes)
+                                  per_prompt_means, policy_comparison_summary, repetition_rate, reward_model_summary, top_k_changes)
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
 from minialign.reward import score_responses
 
@@ -176,11 +177,13 @@ def _conversation_md(messages) -> str:
 def dpo_report(summary, rows, k, args) -> str:
     """report.md: the summary table, then the k largest gains and the k largest losses."""
     b, p = summary["base"], summary["policy"]
+    spp = summary["samples_per_prompt"]
     lines = [
         f"# DPO policy vs base\n\npolicy `{args.policy}`, base `{args.base}`, reward model `{args.reward_model}`, "
-        f"{summary['n']} prompts of `{args.data}`; sampling: temperature {args.temperature}, top_p {args.top_p}, "
-        f"max_new_tokens {args.max_new_tokens}, seed {args.seed}.\n",
-        f"Win rate of the policy (strictly higher reward): **{summary['win_rate']:.3f}** "
+        f"{summary['n']} prompts of `{args.data}`, {spp} answer(s) per prompt and model; sampling: temperature "
+        f"{args.temperature}, top_p {args.top_p}, max_new_tokens {args.max_new_tokens}, seed {args.seed}.\n",
+        f"Win rate of the policy (strictly higher {'mean ' if spp > 1 else ''}reward on the prompt): "
+        f"**{summary['win_rate']:.3f}** "
         f"(95% bootstrap CI {summary['win_rate_ci95'][0]:.3f} to {summary['win_rate_ci95'][1]:.3f}); "
         f"ties {summary['ties']}, losses {summary['losses']}. Mean reward gain {summary['mean_gain']:.4f} "
         f"± {summary['std_gain']:.4f} (std).\n",
@@ -200,9 +203,10 @@ def dpo_report(summary, rows, k, args) -> str:
             r = rows[i]
             lines += [f"### prompt {i}: gain {r['gain']:+.4f}\n", _conversation_md(r["prompt"]), ""]
             for who in ("base", "policy"):
-                g = r[who]
-                lines += [f"**{who}** (reward {g['reward']:.4f}, {g['length_tokens']} tokens, "
-                          f"{'stopped' if g['finished'] else 'cut off'}):\n", "````text", g["response"], "````", ""]
+                for n, g in enumerate(r[who]["samples"], 1):
+                    label = who if spp == 1 else f"{who}, answer {n} of {spp}"
+                    lines += [f"**{label}** (reward {g['reward']:.4f}, {g['length_tokens']} tokens, "
+                              f"{'stopped' if g['finished'] else 'cut off'}):\n", "````text", g["response"], "````", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -219,29 +223,38 @@ def run_dpo(args):
     pairs, report = load_preferences(args.data, args.data_format)
     print(report.summary())
     prompts = prompts_view(pairs)[: args.num_prompts]
+    k = args.samples_per_prompt
+    if k < 1:
+        raise SystemExit(f"--samples_per_prompt must be at least 1, got {k}")
+    asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
 
-    base = generate_with(args.base, prompts, args)
-    policy = generate_with(args.policy, prompts, args)
+    base = generate_with(args.base, asked, args)
+    policy = generate_with(args.policy, asked, args)
     tokenizer = load_tokenizer(args.reward_model)
     rm = load_eval_model(args.reward_model, args)
-    base_r = score_responses(rm, tokenizer, prompts, base.texts, args.batch_size, args.max_length)
-    policy_r = score_responses(rm, tokenizer, prompts, policy.texts, args.batch_size, args.max_length)
+    base_r = score_responses(rm, tokenizer, asked, base.texts, args.batch_size, args.max_length)
+    policy_r = score_responses(rm, tokenizer, asked, policy.texts, args.batch_size, args.max_length)
 
-    summary = policy_comparison_summary(base_r, policy_r, base.token_ids, policy.token_ids,
-                                        base.finished, policy.finished, args.n_resamples, args.seed)
+    summary = policy_comparison_summary(base_r, policy_r, base.token_ids, policy.token_ids, base.finished,
+                                        policy.finished, args.n_resamples, args.seed, samples_per_prompt=k)
     summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)")
-    rows = []
-    for i, prompt in enumerate(prompts):
-        rows.append({"index": i, "prompt": prompt, "gain": policy_r[i] - base_r[i], **{
-            who: {"response": g.texts[i], "reward": r[i], "length_tokens": len(g.token_ids[i]),
-                  "finished": g.finished[i], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[i])}
-            for who, g, r in (("base", base, base_r), ("policy", policy, policy_r))}})
+
+    def answers(g, rewards, i):  # the k answers of one model to prompt i
+        return [{"response": g.texts[j], "reward": rewards[j], "length_tokens": len(g.token_ids[j]),
+                 "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j])}
+                for j in range(i * k, (i + 1) * k)]
+
+    means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}
+    rows = [{"index": i, "prompt": prompt, "gain": float(means["policy"][i] - means["base"][i]),
+             **{who: {"reward": float(means[who][i]), "samples": answers(g, r, i)}
+                for who, g, r in (("base", base, base_r), ("policy", policy, policy_r))}}
+            for i, prompt in enumerate(prompts)]
     write_json(out / "summary.json", summary)
     write_json(out / "generations.json", rows)
     dpo_eval_figure(base_r, policy_r, [len(t) for t in base.token_ids], [len(t) for t in policy.token_ids],
-                    out / "dpo_eval.png")
+                    out / "dpo_eval.png", samples_per_prompt=k)
     (out / "report.md").write_text(dpo_report(jsonable(summary), rows, args.top_k_report, args))
 
     b, p = summary["base"], summary["policy"]
@@ -344,6 +357,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128, help="response budget; longer answers are cut")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--samples_per_prompt", type=int, default=1,
+                   help="answers per prompt and model; wins and gains compare each model's mean reward over them")
     p.add_argument("--top_k_report", type=int, default=5, help="largest gains and losses shown in report.md")
     add_common(p, seed_help="seeds sampling (the same for both models) and the bootstrap")
 

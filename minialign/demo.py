@@ -65,7 +65,7 @@ class BaseModelSettings:
     seed: int = 0
 
 
-FULL_BASE, FAST_BASE = BaseModelSettings(), BaseModelSettings(steps=200)
+FULL_BASE, FAST_BASE = BaseModelSettings(), BaseModelSettings(steps=400)
 
 
 def base_config(vocab_size: int, s: BaseModelSettings, eos_id: int, pad_id: int) -> dict:
@@ -202,20 +202,25 @@ class DemoSettings:
 # Sequences are short (< 100 tokens); batches of similar lengths keep padding low.
 COMMON = ("--batch_size", "16", "--max_length", "128", "--max_prompt_length", "64", "--group_by_length",
           "--log_every", "20", "--seed", "0")
+# Sampling at temperature 1 shows each model's behaviours in their learned proportions. Each
+# model answers every prompt 4 times and a prompt is won on the mean reward of its answers:
+# with one answer, a prompt where base and policy both give the same right answer word for
+# word (the world has few wordings) is a tie, and ties then decided the win rate.
+GENERATION = ("--temperature", "1.0", "--top_p", "1.0", "--seed", "0", "--batch_size", "64",
+              "--samples_per_prompt", "4")
 FULL = DemoSettings(
     base=FULL_BASE,
     rm=COMMON + ("--lr", "3e-4", "--epochs", "5", "--warmup_ratio", "0.05"),
     dpo=COMMON + ("--lr", "3e-4", "--epochs", "3", "--beta", "0.1", "--rpo_alpha", "1.0", "--warmup_ratio", "0.05",
                   "--precompute_ref"),
-    generation=("--max_new_tokens", "64", "--temperature", "1.0", "--top_p", "1.0", "--seed", "0",
-                "--batch_size", "64", "--num_prompts", "1000"),
+    generation=GENERATION + ("--max_new_tokens", "64", "--num_prompts", "1000"),
 )
-FAST = DemoSettings(
+FAST = DemoSettings(  # for the test: a shorter base-model pass, fewer epochs, 40 prompts
     base=FAST_BASE,
     rm=COMMON + ("--lr", "3e-4", "--epochs", "2", "--warmup_ratio", "0.05"),
-    dpo=COMMON + ("--lr", "1e-3", "--epochs", "1", "--beta", "0.1", "--warmup_ratio", "0.05", "--precompute_ref"),
-    generation=("--max_new_tokens", "48", "--temperature", "1.0", "--top_p", "1.0", "--seed", "0",
-                "--batch_size", "64", "--num_prompts", "40"),
+    dpo=COMMON + ("--lr", "3e-4", "--epochs", "2", "--beta", "0.1", "--rpo_alpha", "1.0", "--warmup_ratio", "0.05",
+                  "--precompute_ref"),
+    generation=GENERATION + ("--max_new_tokens", "48", "--num_prompts", "40"),
 )
 
 
@@ -245,19 +250,23 @@ def run_script(script: str, args, step: str) -> float:
 def judge_generations(generations_path) -> dict:
     """Apply the world's rule to the base and policy answers written by `evaluate.py dpo`.
 
-    Returns the preferred-behaviour rate of each model, overall and per kind of question."""
+    Returns the preferred-behaviour rate of each model over all its answers, overall and per
+    kind of question."""
     rows = json.loads(Path(generations_path).read_text())
-    verdicts = {"base": {}, "policy": {}}  # model -> kind -> [bool]
+    verdicts = {"base": {}, "policy": {}}  # model -> kind -> [bool], one per answer
+    prompts: dict[str, int] = {}  # kind -> prompts
     for row in rows:
         kind = kind_of(row["prompt"])
+        prompts[kind] = prompts.get(kind, 0) + 1
         for who in verdicts:
-            verdicts[who].setdefault(kind, []).append(preferred(row["prompt"], row[who]["response"]))
+            verdicts[who].setdefault(kind, []).extend(preferred(row["prompt"], answer["response"])
+                                                      for answer in row[who]["samples"])
 
     def rate(values):
         return sum(values) / max(len(values), 1)
 
     out = {f"preferred_rate_{who}": rate([v for vs in kinds.values() for v in vs]) for who, kinds in verdicts.items()}
-    out["by_kind"] = {kind: {who: rate(verdicts[who][kind]) for who in verdicts} | {"prompts": len(verdicts["base"][kind])}
+    out["by_kind"] = {kind: {who: rate(verdicts[who][kind]) for who in verdicts} | {"prompts": prompts[kind]}
                       for kind in sorted(verdicts["base"])}
     return out
 
@@ -281,7 +290,7 @@ def write_report(root: Path, summary: dict, generations_path: Path, examples_per
         shown[kind] = shown.get(kind, 0) + 1
         lines.append(f"**{kind}**: {row['prompt'][-1]['content']}\n")
         for who in ("base", "policy"):
-            r = row[who]
+            r = row[who]["samples"][0]
             verdict = "preferred" if preferred(row["prompt"], r["response"]) else "not preferred"
             lines.append(f"- {who} (reward {r['reward']:.2f}, {verdict}): `{r['response']}`")
         lines.append("")
@@ -349,7 +358,12 @@ def print_summary(summary: dict, root: Path) -> None:
         f"{summary['seconds']:.0f}s)\n{'=' * 72}")
     for name, key in rows:
         threshold = THRESHOLDS.get(key)
-        mark = "" if threshold is None else f"  (target >= {threshold:.2f}: {'ok' if summary[key] >= threshold else 'MISSED'})"
+        if threshold is None:
+            mark = ""
+        elif summary["fast"]:  # a reduced run is only expected to move each number the right way
+            mark = f"  (full-run target >= {threshold:.2f})"
+        else:
+            mark = f"  (target >= {threshold:.2f}: {'ok' if summary[key] >= threshold else 'MISSED'})"
         log(f"{name:<44} {summary[key]:.3f}{mark}")
     for kind, r in summary["by_kind"].items():
         log(f"  {kind:<12} {r['prompts']:>3} prompts  preferred: base {r['base']:.2f} -> policy {r['policy']:.2f}")

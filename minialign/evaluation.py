@@ -171,15 +171,28 @@ def reward_model_summary(better_scores, better_lengths, worse_scores, worse_leng
     }
 
 
+def per_prompt_means(values, samples_per_prompt: int = 1) -> np.ndarray:
+    """(N * k,) values of k consecutive samples per prompt -> (N,) means, one per prompt."""
+    v = np.asarray(values, float)
+    if v.size % samples_per_prompt:
+        raise ValueError(f"{v.size} values do not split into groups of samples_per_prompt={samples_per_prompt}")
+    return v.reshape(-1, samples_per_prompt).mean(axis=1)
+
+
 def policy_comparison_summary(base_scores, policy_scores, base_token_ids, policy_token_ids,
                               base_finished, policy_finished, n_resamples: int = N_RESAMPLES,
-                              seed: int = 0) -> dict:
+                              seed: int = 0, samples_per_prompt: int = 1) -> dict:
     """Policy vs base on the same prompts (summary.json of `dpo`).
 
-    Besides the win rate and reward gain, per model: stop_rate (share of responses that ended
+    Scores, token ids and finished flags are given per sample: k = samples_per_prompt
+    consecutive samples for each of the N prompts. The win rate and the reward gain compare
+    the two models prompt by prompt on their mean reward over the k samples, an estimate of
+    each model's expected reward on that prompt; with k > 1 a tie needs all k answers equal.
+    Per model, over all samples: reward mean and std, stop_rate (share of responses that ended
     with an end-of-turn token rather than hitting max_new_tokens), mean length in tokens and
     mean repetition_rate, so a policy that wins by rambling or looping is visible."""
-    base, pol = np.asarray(base_scores, float), np.asarray(policy_scores, float)
+    base = per_prompt_means(base_scores, samples_per_prompt)
+    pol = per_prompt_means(policy_scores, samples_per_prompt)
     gain = pol - base
     gain_mean, gain_std = mean_std(gain)
 
@@ -195,8 +208,9 @@ def policy_comparison_summary(base_scores, policy_scores, base_token_ids, policy
         "win_rate_ci95": bootstrap_ci((pol > base).astype(float), np.mean, n_resamples, seed),
         "mean_gain": gain_mean, "std_gain": gain_std,
         "mean_gain_ci95": bootstrap_ci(gain, np.mean, n_resamples, seed),
-        "base": per_model(base, base_token_ids, base_finished),
-        "policy": per_model(pol, policy_token_ids, policy_finished),
+        "samples_per_prompt": samples_per_prompt,
+        "base": per_model(base_scores, base_token_ids, base_finished),
+        "policy": per_model(policy_scores, policy_token_ids, policy_finished),
     }
 
 

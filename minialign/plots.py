@@ -166,17 +166,21 @@ def rm_eval_figure(better, worse, out_path, title: str = "reward model on held-o
 
 
 def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
-                    title: str = "policy vs base, scored by the reward model"):
-    """Four panels for two models answering the same N prompts (rewards and lengths in tokens):
-    reward distributions overlaid; per-prompt gain r(policy) - r(base) with 0 marked;
-    base vs policy scatter with y = x; reward against response length for both models."""
-    b, p = np.asarray(base, float), np.asarray(policy, float)
+                    title: str = "policy vs base, scored by the reward model", samples_per_prompt: int = 1):
+    """Four panels for two models answering the same N prompts, k = samples_per_prompt answers
+    each (rewards and lengths in tokens, per answer, k consecutive answers per prompt):
+    reward distributions of all answers overlaid; per-prompt gain (mean over the k answers)
+    r(policy) - r(base) with 0 marked; base vs policy scatter of the per-prompt means with
+    y = x; reward against response length of every answer for both models."""
+    sb, sp = np.asarray(base, float), np.asarray(policy, float)  # per answer
+    b, p = sb.reshape(-1, samples_per_prompt).mean(1), sp.reshape(-1, samples_per_prompt).mean(1)  # per prompt
     lb, lp = np.asarray(base_lengths, float), np.asarray(policy_lengths, float)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
 
     ax = axes[0, 0]
-    _hist_pair(ax, b, p, "base", "policy", "reward")
-    ax.set_title("reward distributions")
+    _hist_pair(ax, sb, sp, "base", "policy", "reward")
+    ax.set_title("reward distributions" + (f" (all {samples_per_prompt} answers per prompt)"
+                                           if samples_per_prompt > 1 else ""))
 
     gain = p - b
     _difference_hist(axes[0, 1], gain, "r(policy) - r(base), same prompt",
@@ -187,14 +191,15 @@ def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
     ax.scatter(b[wins], p[wins], s=12, alpha=0.6, color="tab:green", label=f"policy higher ({wins.sum()})")
     ax.scatter(b[~wins], p[~wins], s=12, alpha=0.6, color="tab:red", label=f"base higher or tie ({(~wins).sum()})")
     _identity_line(ax, b, p)
-    ax.set_xlabel("reward of base response")
-    ax.set_ylabel("reward of policy response")
+    what = "reward" if samples_per_prompt == 1 else f"mean reward of {samples_per_prompt} responses"
+    ax.set_xlabel(f"{what}, base")
+    ax.set_ylabel(f"{what}, policy")
     ax.set_title("per prompt: above the diagonal = policy wins")
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
-    ax.scatter(lb, b, s=12, alpha=0.5, label="base")
-    ax.scatter(lp, p, s=12, alpha=0.5, label="policy")
+    ax.scatter(lb, sb, s=12, alpha=0.5, label="base")
+    ax.scatter(lp, sp, s=12, alpha=0.5, label="policy")
     ax.set_xlabel("response length (tokens)")
     ax.set_ylabel("reward")
     ax.set_title("reward vs length (a slope = length exploitation)")

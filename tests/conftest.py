@@ -65,3 +65,15 @@ def tiny_world(tmp_path_factory):
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
     minialign.save_model(CausalLM(cfg), root / "base", tok)
     return {"data": data, "model": root / "base", "root": root}
+
+
+@pytest.fixture(scope="session")
+def fast_demo_root(tmp_path_factory):
+    """A folder holding the demo world as `python -m minialign.demo --fast` builds it (data,
+    tokenizer, a base model from a 400-step supervised pass): about a minute on 2 cores,
+    shared by the end-to-end demo test and the notebook test."""
+    from minialign.demo import FAST_BASE, demo_paths
+
+    root = tmp_path_factory.mktemp("demo_fast")
+    demo_paths(root=root, base=FAST_BASE, log=lambda *a: None)
+    return root

@@ -130,3 +130,27 @@ def test_build_is_cached_and_rebuilt_when_the_marker_is_missing(tmp_path):
     (tmp_path / MARKER).unlink()  # as if a build had crashed before its end
     demo_paths(root=tmp_path, base=TINY, log=quiet)
     assert (tmp_path / MARKER).is_file() and weights.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.slow
+def test_fast_pipeline_moves_every_number_the_right_way(fast_demo_root):
+    """`python -m minialign.demo --fast` end to end (about 2 minutes on 2 cores): a shorter
+    base-model pass, fewer epochs and 40 held-out prompts. Asserted: the direction of each
+    headline number, and the files the summary points to; the full run's targets are
+    checked in the README's measured run, not here."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "minialign.demo", "--fast", "--root", str(fast_demo_root)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "supervised pass" not in result.stdout  # the fixture's world was reused, not rebuilt
+    summary = json.loads((fast_demo_root / "summary.json").read_text())
+    assert {"rm_accuracy", "win_rate", "preferred_rate_base", "preferred_rate_policy", "seconds"} <= set(summary)
+    assert summary["rm_accuracy"] > 0.8  # the rule is learnable: far above chance
+    assert summary["win_rate"] > 0.5  # the policy beats the base on most prompts
+    assert summary["preferred_rate_policy"] > summary["preferred_rate_base"] + 0.1  # judged by the rule
+    assert sum(kind["prompts"] for kind in summary["by_kind"].values()) == 40
+    for path in summary["files"].values():
+        assert Path(path).is_file() and Path(path).stat().st_size > 0, path
+    assert "minialign demo summary" in result.stdout

@@ -114,16 +114,47 @@ def test_dpo(world):
     lo, hi = summary["win_rate_ci95"]
     assert 0 <= lo <= summary["win_rate"] <= hi <= 1
     for who in ("base", "policy"):
-        lengths = [r[who]["length_tokens"] for r in rows]
+        answers = [a for r in rows for a in r[who]["samples"]]
+        assert len(answers) == 4 and all(r[who]["reward"] == r[who]["samples"][0]["reward"] for r in rows)
+        lengths = [a["length_tokens"] for a in answers]
         assert all(0 <= n <= 12 for n in lengths)
         assert summary[who]["mean_length_tokens"] == pytest.approx(np.mean(lengths))
-        assert summary[who]["stop_rate"] == pytest.approx(np.mean([r[who]["finished"] for r in rows]))
+        assert summary[who]["stop_rate"] == pytest.approx(np.mean([a["finished"] for a in answers]))
         assert 0 <= summary[who]["repetition_3gram"] <= 1
         # An unfinished response used its whole budget.
-        assert all(r[who]["length_tokens"] == 12 for r in rows if not r[who]["finished"])
+        assert all(a["length_tokens"] == 12 for a in answers if not a["finished"])
     assert [r["prompt"] for r in rows] == [[{"role": "user", "content": q}] for q in QUESTIONS]
     assert "2 largest gains" in report and "2 largest losses" in report and "| stopped with end of turn |" in report
 
+
+
+def test_dpo_several_answers_per_prompt(world):
+    """With k answers per prompt, a prompt's reward is the mean over its k answers, and wins
+    and gains compare those means; per-model statistics run over all N * k answers."""
+    out = world["root"] / "eval_dpo_k3"
+    root = world["root"]
+    run_cli("dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
+            "--data", world["data"], "--output", out, "--samples_per_prompt", 3, "--max_new_tokens", 10,
+            "--temperature", 1.0, "--top_p", 1.0, "--batch_size", 5, "--n_resamples", 100)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = json.loads((out / "generations.json").read_text())
+    assert summary["n"] == len(rows) == 4 and summary["samples_per_prompt"] == 3
+    for r in rows:
+        for who in ("base", "policy"):
+            assert len(r[who]["samples"]) == 3
+            assert r[who]["reward"] == pytest.approx(np.mean([a["reward"] for a in r[who]["samples"]]))
+        assert r["gain"] == pytest.approx(r["policy"]["reward"] - r["base"]["reward"])
+    base = np.array([r["base"]["reward"] for r in rows])
+    pol = np.array([r["policy"]["reward"] for r in rows])
+    assert summary["win_rate"] == pytest.approx(np.mean(pol > base))
+    assert summary["mean_gain"] == pytest.approx(np.mean(pol - base))
+    answers = [a for r in rows for a in r["base"]["samples"]]
+    assert summary["base"]["reward_mean"] == pytest.approx(np.mean([a["reward"] for a in answers]))
+    assert summary["base"]["stop_rate"] == pytest.approx(np.mean([a["finished"] for a in answers]))
+    # Sampling at temperature 1 gives the same prompt different answers.
+    assert any(len({a["response"] for a in r["base"]["samples"]}) > 1 for r in rows)
+    assert "answer 3 of 3" in (out / "report.md").read_text()
+    check_png(out / "dpo_eval.png")
 
 def test_implicit(world):
     out = world["root"] / "eval_implicit"

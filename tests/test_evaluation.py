@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from minialign.evaluation import (accuracy_with_ties, bootstrap_ci, compare_scores, implicit_reward_summary,
-                                  length_bias, mean_std, pearson, policy_comparison_summary, repetition_rate,
-                                  reward_model_summary, top_k_changes, win_rate)
+                                  length_bias, mean_std, pearson, per_prompt_means, policy_comparison_summary,
+                                  repetition_rate, reward_model_summary, top_k_changes, win_rate)
 
 
 def test_accuracy_counts_ties_apart():
@@ -116,6 +116,15 @@ def test_summaries_are_consistent():
     assert p["base"]["stop_rate"] == 0.75 and p["policy"]["stop_rate"] == 1.0
     assert p["base"]["mean_length_tokens"] == 6 and p["policy"]["mean_length_tokens"] == 4
     assert p["base"]["repetition_3gram"] == 0.25 and p["policy"]["repetition_3gram"] == 0.5
+
+    # Two answers per prompt: prompt means base (0, 1, 2), policy (1, 1, 3): 2 wins, 1 tie.
+    p = policy_comparison_summary([0, 0, 1, 1, 2, 2], [2, 0, 0, 2, 3, 3], [[1]] * 6, [[1, 2]] * 6,
+                                  [True] * 6, [False, True] * 3, n_resamples=50, samples_per_prompt=2)
+    assert (p["n"], p["wins"], p["ties"], p["losses"]) == (3, 2, 1, 0)
+    assert p["mean_gain"] == pytest.approx(2 / 3) and p["samples_per_prompt"] == 2
+    assert p["policy"]["reward_mean"] == pytest.approx(10 / 6) and p["policy"]["stop_rate"] == 0.5
+    with pytest.raises(ValueError, match="samples_per_prompt=4"):
+        per_prompt_means([1.0] * 6, 4)
 
     i = implicit_reward_summary([0.2, 0.1, 0.0], [0.1, 0.1, 0.3])
     assert (i["correct"], i["ties"], i["wrong"]) == (1, 1, 1)
