@@ -18,6 +18,7 @@
 # copied to experiments/results/$(basename $RUN)/. Each stage's wall time goes to $RUN/timings.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # minialign from this checkout, installed or not
 
 # ----------------------------------------------------------------------- what to run
 SHARED=${MINIALIGN_SHARED:-../shared}
@@ -30,9 +31,9 @@ SEED=${SEED:-0}
 # ----------------------------------------------------------------------- sizes (CPU run)
 HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-300}          # held-out prompts: final evaluation only
 DEV_PROMPTS=${DEV_PROMPTS:-40}                   # training-side prompts for in-training curves
-TRAIN_PAIRS=${TRAIN_PAIRS:-600}                  # "all" for every remaining pair (1,955)
-MAX_LENGTH=${MAX_LENGTH:-384}
-MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-256}
+TRAIN_PAIRS=${TRAIN_PAIRS:-400}                  # "all" for every remaining pair (1,955)
+MAX_LENGTH=${MAX_LENGTH:-192}                    # prompt + answer tokens (also when scoring)
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-96}              # longer prompts keep their last turns
 BATCH=${BATCH:-4}                                # pairs per rank per micro-step
 ACCUM=${ACCUM:-2}                                # global batch = BATCH x ACCUM x ranks
 EPOCHS=${EPOCHS:-1}
@@ -44,8 +45,8 @@ RM_LR=${RM_LR:-2e-5}
 DPO_LR=${DPO_LR:-5e-6}
 BETA=${BETA:-0.1}
 
-NUM_PROMPTS=${NUM_PROMPTS:-150}                  # held-out prompts answered by base and policy
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
+NUM_PROMPTS=${NUM_PROMPTS:-100}                  # held-out prompts answered by base and policy
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
 TEMPERATURE=${TEMPERATURE:-0.7}
 TOP_P=${TOP_P:-0.9}
 EVAL_BATCH=${EVAL_BATCH:-16}                     # sequences per forward pass in evaluate.py
@@ -67,7 +68,7 @@ stage() {  # stage NAME CMD...: run, log to $RUN/logs/NAME.log, record the wall 
 train_flags=(--max_length "$MAX_LENGTH" --max_prompt_length "$MAX_PROMPT_LENGTH" --batch_size "$BATCH"
              --grad_accum "$ACCUM" --epochs "$EPOCHS" --eval_every "$EVAL_EVERY" --group_by_length
              --dtype "$DTYPE" --seed "$SEED" --log_every 5)
-eval_flags=(--batch_size "$EVAL_BATCH" --seed "$SEED" --dtype "$DTYPE")
+eval_flags=(--batch_size "$EVAL_BATCH" --seed "$SEED" --dtype "$DTYPE" --max_length "$MAX_LENGTH")
 subset=(); [ "$TRAIN_PAIRS" = all ] || subset=(--train_pairs "$TRAIN_PAIRS")
 
 # ----------------------------------------------------------------------- 0. the model
@@ -97,7 +98,7 @@ stage eval_dpo python evaluate.py dpo --base "$MODEL" --policy "$RUN/dpo/model" 
     --data "$RUN/data/heldout.jsonl" --num_prompts "$NUM_PROMPTS" --max_new_tokens "$MAX_NEW_TOKENS" \
     --temperature "$TEMPERATURE" --top_p "$TOP_P" --output "$RUN/eval/dpo" "${eval_flags[@]}"
 stage eval_implicit python evaluate.py implicit --policy "$RUN/dpo/model" --ref_model "$MODEL" --beta "$BETA" \
-    --max_prompt_length "$MAX_PROMPT_LENGTH" --max_length "$MAX_LENGTH" \
+    --max_prompt_length "$MAX_PROMPT_LENGTH" \
     --data "$RUN/data/heldout_implicit.jsonl" --output "$RUN/eval/implicit" "${eval_flags[@]}"
 
 # ----------------------------------------------------------------------- 5. keep the small results
