@@ -125,12 +125,18 @@ class Objective:
 
 
 def build_optimizer(model, lr: float, weight_decay: float):
-    """AdamW; 1-D parameters (norm weights, biases) get no weight decay, as is standard."""
+    """AdamW; 1-D parameters (norm weights, biases) get no weight decay, as is standard.
+
+    The fused implementation updates each tensor in one pass, without parameter-sized
+    temporaries. With a 152k-token vocabulary the embedding is a quarter of a 0.5B model, and
+    on CPU the default per-tensor loop took ~1.8 s of a ~4.5 s reward-model step at the
+    Qwen2.5-0.5B shape with 4 layers; fused takes ~0.35 s and 1 GB less peak memory (bench/)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
