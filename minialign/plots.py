@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .evaluation import per_prompt_means  # noqa: E402
+
 DPI = 110            # ~1.5k pixels wide for the multi-panel figures; sharp, and small files
 SMOOTH_WINDOW = 20   # train curves are noisy per step; a centred mean over 20 steps shows the trend
 HIST_BINS = 30       # at most: enough to see the shape of a few hundred rewards without gaps
@@ -173,7 +175,7 @@ def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
     r(policy) - r(base) with 0 marked; base vs policy scatter of the per-prompt means with
     y = x; reward against response length of every answer for both models."""
     sb, sp = np.asarray(base, float), np.asarray(policy, float)  # per answer
-    b, p = sb.reshape(-1, samples_per_prompt).mean(1), sp.reshape(-1, samples_per_prompt).mean(1)  # per prompt
+    b, p = per_prompt_means(sb, samples_per_prompt), per_prompt_means(sp, samples_per_prompt)
     lb, lp = np.asarray(base_lengths, float), np.asarray(policy_lengths, float)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
 
