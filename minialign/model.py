@@ -218,22 +218,31 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, at=None):
+        """x (B, T, C) -> (B, T, C); with `at` (B,), only the query at position at[b] of each row
+        is computed, against the keys and values of every position: -> (B, 1, C)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        xq = x if at is None else x[torch.arange(B, device=x.device), at][:, None]  # (B, Tq, C)
+        q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)  # (B, Tq, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:  # qwen3 normalises each head before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if at is None:
+            q = apply_rope(q, cos, sin)
+        else:  # the query's own rotary phase, and the keys that position may see
+            rows = torch.arange(B, device=x.device)
+            q = apply_rope(q, cos[rows, at][:, None], sin[rows, at][:, None])
+            mask = query_mask_at(mask, at, T + (kv_cache.length if kv_cache is not None else 0))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
         # mask is None: plain causal attention (no padding that a real query could see).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        )  # (B, H, Tq, D)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], self.n_head * self.head_dim)  # (B, Tq, H*D)
         return self.o_proj(y)
 
 
@@ -258,8 +267,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, at=None):
+        h = self.input_layernorm(x)
+        if at is not None:  # only position at[b] of each row is read: keep the residual stream there
+            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]  # (B, 1, C)
+        x = x + self.self_attn(h, cos, sin, mask, kv_cache, layer, at)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -285,6 +297,16 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     return visible[:, None]  # (B, 1, T, S)
 
 
+def query_mask_at(mask, at, S: int):
+    """Boolean (B, 1, 1, S): the keys visible to one query per row, the one at position at[b].
+
+    mask is attention_mask_4d's (B, 1, T, S) mask, or None for plain causal attention (keys up
+    to the query's own position)."""
+    if mask is None:
+        return (torch.arange(S, device=at.device)[None, :] <= at[:, None])[:, None, None]
+    return mask[torch.arange(at.shape[0], device=at.device), :, at][:, :, None]  # (B, 1, S) -> (B, 1, 1, S)
+
+
 def positions_from_mask(attention_mask, T: int):
     """Position of each of the last T tokens = number of real tokens before it, so left padding
     does not shift the rotary phases: (B, S) mask -> (B, T) positions."""
@@ -302,7 +324,11 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, read_at=None):
+        """read_at (B,): when the caller reads one position per row (a reward model reads the last
+        real token), the last layer computes its queries, attention output and MLP only there
+        (its keys and values still come from every position) and the result is (B, C). Exact:
+        no other position of the last layer reaches that output."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:
@@ -314,14 +340,18 @@ class Backbone(nn.Module):
         mask = attention_mask_4d(attention_mask, T, past)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
+            at = read_at if i == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, i, at, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+                x = layer(x, cos, sin, mask, kv_cache, i, at)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.norm(x)
+        if read_at is not None and not self.layers:  # no layer to narrow: pick the positions here
+            x = x[torch.arange(B, device=x.device), read_at][:, None]
+        x = self.norm(x)  # (B, T, C), or (B, 1, C) with read_at
+        return x if read_at is None else x[:, 0]
 
 
 class _GradientCheckpointingSwitch:
@@ -375,9 +405,8 @@ class RewardModel(_GradientCheckpointingSwitch, nn.Module):
         """(B, T) ids -> (B,) fp32 rewards."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        h = self.model(input_ids, attention_mask)  # (B, T, C)
         last = last_token_index(attention_mask)  # (B,)
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
+        h_last = self.model(input_ids, attention_mask, read_at=last)  # (B, C), the last layer run only there
         return self.score(h_last).squeeze(-1).float()  # (B,)
 
 

@@ -113,6 +113,45 @@ def test_reward_read_at_last_real_token():
     assert last_token_index(right_mask).tolist() == [4, 2]
 
 
+@pytest.mark.parametrize("arch,over", ARCHS + [("qwen2", {"num_hidden_layers": 0})])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_reward_last_layer_only_at_read_position(arch, over, side, ckpt):
+    """RewardModel runs its last layer's queries and MLP only at the last real token. Against the
+    slow way (every position through every layer, then pick the last real token): same rewards,
+    same gradients for every parameter."""
+    torch.manual_seed(5)
+    rm = RewardModel(tiny_config(arch, **over))
+    with torch.no_grad():
+        for p in rm.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1))
+    rm.train()
+    rm.gradient_checkpointing = ckpt
+    lengths, T = [7, 4, 1], 7
+    ids = torch.randint(3, 101, (3, T))
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1 if side == "right" else 0
+        if side == "left":
+            mask[i, T - n :] = 1
+
+    def slow(ids, mask):
+        h = rm.model(ids, mask)  # (B, T, C): all positions
+        return rm.score(h[torch.arange(3), last_token_index(mask)]).squeeze(-1)
+
+    results = []
+    for f in (rm, slow):
+        rm.zero_grad()
+        r = f(ids, mask)
+        (r * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((r.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}))
+    (r_fast, g_fast), (r_slow, g_slow) = results
+    torch.testing.assert_close(r_fast, r_slow, atol=1e-5, rtol=1e-5)
+    assert g_fast.keys() == g_slow.keys()
+    for n in g_slow:
+        torch.testing.assert_close(g_fast[n], g_slow[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("arch,over", ARCHS)
 def test_save_load_round_trip_exact(tmp_path, arch, over):
     m = random_model(arch, **over)
