@@ -4,9 +4,12 @@ live versus precomputed reference log-probs.
     python bench/bench_train.py            # the targets: Qwen2.5-0.5B shape with 4 layers, + small at 1024
     python bench/bench_train.py --quick    # small shape, sequence 256 (a smoke test)
     python bench/bench_train.py --full     # adds small and 0.5B-4L checkpointing at 256, the full 24 layers
+    python bench/bench_train.py --only qwen0.5b:1024   # just the 24-layer checkpointing comparison
 
 Each comparison runs its two configurations in two processes that alternate rounds
 (common.alternate): peak memory is each process's own (RSS on CPU, max allocated on GPU).
+The 24-layer model is the exception: two of its processes do not fit in 24 GB together, so its
+configurations run one after the other, each alone in memory.
 Data: random tokens, prompt = response = seq/2 per row (every answer ends with EOS), B pairs
 per step = 2B rows of seq tokens, no padding. fp32 on CPU, bf16 autocast on GPU.
 
@@ -37,7 +40,8 @@ from common import (SHAPES, Report, Worker, alternate, device_and_dtype, environ
 
 # Pairs per step: two at the issue's reference point; one where a pair is long or the model big.
 BATCH_PAIRS = {("small", 256): 2, ("small", 1024): 2, ("qwen0.5b-4l", 256): 2, ("qwen0.5b-4l", 1024): 1,
-               ("qwen0.5b", 256): 1}
+               ("qwen0.5b", 256): 1, ("qwen0.5b", 1024): 1}
+ONE_AT_A_TIME = {"qwen0.5b"}  # shapes whose configurations cannot be resident together
 
 
 def measure(report, section, shape, kind, seq, configs, args, device, dtype, ckpt):
@@ -46,18 +50,22 @@ def measure(report, section, shape, kind, seq, configs, args, device, dtype, ckp
     items = random_pairs(shape, B, seq // 2, seq // 2)
     batches = make_batches(items, [list(range(B))], SHAPES[shape]["pad_token_id"])
     factory = minialign_steps.dpo_worker if kind == "dpo" else minialign_steps.rm_worker
-    workers, yardstick = [], [matmul_flops_per_s(device)]
-    try:
-        for label, kw in configs.items():
-            workers.append(Worker(label, factory, args.threads, checkpoint=str(ckpt), batches=batches,
-                                  dtype=dtype, device=str(device), **kw))
-        res = alternate(workers, args.rounds, args.steps, warmup_steps=1, device=device, yardstick=yardstick)
-        # What gradient checkpointing can shrink: the peak minus the libraries' resident memory and
-        # minus the weights, gradients and AdamW moments (the reference's weights for live DPO).
-        states = {w.name: w.info["state_mb"] + w.info["runtime_mb"] for w in workers}
-    finally:
-        for w in workers:
-            w.close()
+    yardstick, res, states = [matmul_flops_per_s(device)], {}, {}
+    groups = [[label] for label in configs] if shape in ONE_AT_A_TIME else [list(configs)]
+    for group in groups:
+        workers = []
+        try:
+            for label in group:
+                workers.append(Worker(label, factory, args.threads, checkpoint=str(ckpt), batches=batches,
+                                      dtype=dtype, device=str(device), **configs[label]))
+            res.update(alternate(workers, args.rounds, args.steps, warmup_steps=1, device=device,
+                                 yardstick=yardstick))
+            # What gradient checkpointing can shrink: the peak minus the libraries' resident memory
+            # and minus the weights, gradients and AdamW moments (the reference's weights for live DPO).
+            states.update({w.name: w.info["state_mb"] + w.info["runtime_mb"] for w in workers})
+        finally:
+            for w in workers:
+                w.close()
     matmul = statistics.median(yardstick)
     base = next(iter(configs))
     for label, kw in configs.items():
@@ -90,17 +98,16 @@ def main(argv=None):
     print("environment:", environment(), flush=True)
 
     # (shape, seq, sections): "ckpt" = gradient checkpointing off vs on; "ref" = DPO live vs precomputed
-    # reference; "alone" = the default configuration by itself.
-    if args.quick:
-        plan = [("small", 256, ("ckpt", "ref"))]
-    else:
-        plan = [("small", 1024, ("ckpt",)), ("qwen0.5b-4l", 256, ("ref",)), ("qwen0.5b-4l", 1024, ("ckpt",))]
-    if args.full:
-        plan += [("small", 256, ("ckpt", "ref")), ("qwen0.5b-4l", 256, ("ckpt",)),
-                 ("qwen0.5b", 256, ("alone",))]  # two 24-layer DPO processes would not fit in 23 GB
+    # reference. --only picks entries from all of them.
+    default = [("small", 1024, ("ckpt",)), ("qwen0.5b-4l", 256, ("ref",)), ("qwen0.5b-4l", 1024, ("ckpt",))]
+    extra = [("small", 256, ("ckpt", "ref")), ("qwen0.5b-4l", 256, ("ckpt",)), ("qwen0.5b", 1024, ("ckpt",))]
     if args.only:
         keep = set(args.only.split(","))
-        plan = [entry for entry in plan if f"{entry[0]}:{entry[1]}" in keep]
+        plan = [entry for entry in default + extra if f"{entry[0]}:{entry[1]}" in keep]
+    elif args.quick:
+        plan = [("small", 256, ("ckpt", "ref"))]
+    else:
+        plan = default + (extra if args.full else [])
     report = Report(f"minialign training steps ({dtype}, {args.threads} threads)")
     tmp = tempfile.mkdtemp(prefix="bench_ckpt_")
     try:
@@ -114,8 +121,6 @@ def main(argv=None):
                     measure(report, "ckpt", shape, kind, seq,
                             {"ckpt_off": {}, "ckpt_on": {"gradient_checkpointing": True}},
                             args, device, dtype, ckpt)
-                if "alone" in sections:
-                    measure(report, "alone", shape, kind, seq, {"ckpt_off": {}}, args, device, dtype, ckpt)
                 if "ref" in sections and kind == "dpo":
                     measure(report, "reference", shape, kind, seq,
                             {"live_ref": {}, "precomputed_ref": {"precompute_reference": True}},

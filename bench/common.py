@@ -150,7 +150,9 @@ def step_flops(cfg_dict: dict, batch: dict, kind: str, live_reference: bool = Tr
               attention, as model_flops_per_token counts it: the vocabulary projection at
               every position, like a plain transformers loop computes it.
     executed: what minialign actually multiplies: the vocabulary projection only at the
-              positions that predict a label (logprobs.sequence_logprobs_from_hidden).
+              positions that predict a label (logprobs.sequence_logprobs_from_hidden); for a
+              reward model, the last layer's query, output and MLP projections and its attention
+              only at the one position per row where the reward is read (model.Backbone read_at).
     A reward model has no vocabulary projection at all (its head is C x 1).
     Both count padded slots (2B x T): padding costs the same matmuls as real tokens.
     """
@@ -161,7 +163,11 @@ def step_flops(cfg_dict: dict, batch: dict, kind: str, live_reference: bool = Tr
     head = 2 * cfg.vocab_size * cfg.hidden_size  # forward FLOPs of the vocab projection, per position
     body = full - head
     if kind == "rm":
-        return {"nominal": 3 * body * tokens, "executed": 3 * body * tokens}
+        C, HD, KD = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        # The last layer at T positions per row, minus what it skips at T - 1 of them: the q, o
+        # and MLP projections, and attention (as model_flops_per_token counts it per token).
+        skipped = 2 * (C * HD + HD * C + 3 * C * cfg.intermediate_size) + 2 * 2 * (T / 2) * HD
+        return {"nominal": 3 * body * tokens, "executed": 3 * (body * tokens - skipped * rows * (T - 1))}
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     ref = 1 if live_reference else 0
     nominal = (3 + ref) * full * tokens
