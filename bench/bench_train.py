@@ -5,6 +5,7 @@ live versus precomputed reference log-probs.
     python bench/bench_train.py --quick    # small shape, sequence 256 (a smoke test)
     python bench/bench_train.py --full     # adds small and 0.5B-4L checkpointing at 256, the full 24 layers
     python bench/bench_train.py --only qwen0.5b:1024   # just the 24-layer checkpointing comparison
+    python bench/bench_train.py --only qwen0.5b:1024 --kinds rm --batch_pairs 2 --rounds 1   # a bigger batch
 
 Each comparison runs its two configurations in two processes that alternate rounds
 (common.alternate): peak memory is each process's own (RSS on CPU, max allocated on GPU).
@@ -46,7 +47,7 @@ ONE_AT_A_TIME = {"qwen0.5b"}  # shapes whose configurations cannot be resident t
 
 def measure(report, section, shape, kind, seq, configs, args, device, dtype, ckpt):
     """configs: {label: worker kwargs}; runs them alternating and reports each with MFU."""
-    B = BATCH_PAIRS[(shape, seq)]
+    B = args.batch_pairs or BATCH_PAIRS[(shape, seq)]
     items = random_pairs(shape, B, seq // 2, seq // 2)
     batches = make_batches(items, [list(range(B))], SHAPES[shape]["pad_token_id"])
     factory = minialign_steps.dpo_worker if kind == "dpo" else minialign_steps.rm_worker
@@ -91,6 +92,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shape at sequence 256 only")
     p.add_argument("--full", action="store_true", help="also checkpointing at 256 and the 24-layer model")
     p.add_argument("--kinds", default="rm,dpo")
+    p.add_argument("--batch_pairs", type=int, default=None, help="pairs per step for every entry (default: BATCH_PAIRS)")
     p.add_argument("--only", default=None, help="run only these plan entries, e.g. qwen0.5b-4l:1024,small:256")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
