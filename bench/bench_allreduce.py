@@ -39,7 +39,8 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed
-    from minialign.model import ModelConfig, RewardModel
+    from minialign.config import ModelConfig
+    from minialign.model import RewardModel
 
     env = init_distributed(device="cpu")
     torch.manual_seed(0)

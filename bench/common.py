@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from minialign.collate import TokenizedPair, collate_pairs  # noqa: E402
-from minialign.model import ModelConfig  # noqa: E402
+from minialign.config import ModelConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 

@@ -55,29 +55,32 @@ def model_state_mb(trained, frozen=None) -> float:
     return mb
 
 
-def dpo_worker(conn, checkpoint, batches, dtype, device, gradient_checkpointing=False, precompute_reference=False):
-    """DPO (sigmoid loss) with the reference live every step, or precomputed once beforehand."""
-    device = torch.device(device)
-    batches = [move(b, device) for b in batches]
-    policy = load_model(checkpoint, device=device)
-    policy.gradient_checkpointing = gradient_checkpointing
-    ref = load_model(checkpoint, device=device).eval().requires_grad_(False)
-    if precompute_reference:
-        # What train_dpo.py --precompute_ref does: score every pair once, then drop the reference.
-        with torch.no_grad(), autocast_context(dtype, device):
-            for b in batches:
-                b["ref_logps"] = torch.stack(concatenated_logps(ref, b)[0].float().chunk(2), dim=-1)  # (B, 2)
-        ref = None
-    objective = dpo_objective("sigmoid", BETA, ref_model=ref)
-    serve_steps(conn, make_step(policy, objective, batches, dtype, device), device,
-                state_mb=model_state_mb(policy, ref))
-
-
-def rm_worker(conn, checkpoint, batches, dtype, device, gradient_checkpointing=False):
-    """Bradley-Terry reward modelling."""
-    device = torch.device(device)
-    batches = [move(b, device) for b in batches]
+def build_step(kind, checkpoint, batches, dtype, device, gradient_checkpointing=False, precompute_reference=False):
+    """(step, state_mb) for "rm" (Bradley-Terry) or "dpo" (sigmoid loss, with the reference live
+    every step, or precomputed once beforehand as train_dpo.py --precompute_ref does)."""
     model = load_model(checkpoint, device=device)
     model.gradient_checkpointing = gradient_checkpointing
-    serve_steps(conn, make_step(model, reward_objective(), batches, dtype, device), device,
-                state_mb=model_state_mb(model))
+    ref = None
+    if kind == "rm":
+        objective = reward_objective()
+    else:
+        ref = load_model(checkpoint, device=device).eval().requires_grad_(False)
+        if precompute_reference:  # score every pair once, then drop the reference
+            with torch.no_grad(), autocast_context(dtype, device):
+                for b in batches:
+                    b["ref_logps"] = torch.stack(concatenated_logps(ref, b)[0].float().chunk(2), dim=-1)  # (B, 2)
+            ref = None
+        objective = dpo_objective("sigmoid", BETA, ref_model=ref)
+    return make_step(model, objective, batches, dtype, device), model_state_mb(model, ref)
+
+
+def dpo_worker(conn, checkpoint, batches, dtype, device, **options):
+    device = torch.device(device)
+    step, state_mb = build_step("dpo", checkpoint, [move(b, device) for b in batches], dtype, device, **options)
+    serve_steps(conn, step, device, state_mb=state_mb)
+
+
+def rm_worker(conn, checkpoint, batches, dtype, device, **options):
+    device = torch.device(device)
+    step, state_mb = build_step("rm", checkpoint, [move(b, device) for b in batches], dtype, device, **options)
+    serve_steps(conn, step, device, state_mb=state_mb)

@@ -3,8 +3,9 @@
     python bench/profile_step.py --kind rm --shape qwen0.5b --seq 1024     # 24 layers, ~2 min
     python bench/profile_step.py --kind dpo --shape qwen0.5b-4l --seq 256 --pairs 2
 
-The step is the benchmark's (minialign_steps.make_step: forward, backward, clipping, AdamW),
-on random tokens (prompt = response = seq/2), after one warm-up step. fp32 on CPU.
+The step is the benchmark's (minialign_steps.build_step: forward, backward, clipping, AdamW;
+DPO with the reference live), on random tokens (prompt = response = seq/2), after one
+warm-up step. fp32 on CPU.
 """
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import minialign_steps
 from common import SHAPES, make_batches, random_pairs, save_random_checkpoint
-from minialign import load_model
-from minialign.dpo import dpo_objective
-from minialign.reward import reward_objective
 
 
 def main(argv=None):
@@ -39,13 +37,7 @@ def main(argv=None):
         ckpt = str(save_random_checkpoint(args.shape, f"{tmp}/model", reward=args.kind == "rm"))
         items = random_pairs(args.shape, args.pairs, args.seq // 2, args.seq // 2)
         batches = make_batches(items, [list(range(args.pairs))], SHAPES[args.shape]["pad_token_id"])
-        model = load_model(ckpt)
-        if args.kind == "rm":
-            objective = reward_objective()
-        else:
-            ref = load_model(ckpt).eval().requires_grad_(False)
-            objective = dpo_objective("sigmoid", minialign_steps.BETA, ref_model=ref)
-        step = minialign_steps.make_step(model, objective, batches, "fp32", torch.device("cpu"))
+        step, _ = minialign_steps.build_step(args.kind, ckpt, batches, "fp32", torch.device("cpu"))
         step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import CausalLM, ModelConfig, RewardModel
+from .config import ModelConfig
+from .model import CausalLM, RewardModel
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -37,7 +37,8 @@ from .collate import collate_pairs, tokenize_pairs
 from .data import PreferencePair, load_preferences
 from .distributed import DistEnv, barrier
 from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
-from .model import CausalLM, ModelConfig, num_parameters
+from .config import ModelConfig
+from .model import CausalLM, num_parameters
 from .tokenizer import train_bpe_tokenizer
 from .sampler import global_batches
 from .train import learning_rate

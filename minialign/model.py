@@ -8,139 +8,22 @@ Each block is   x = x + Attn(RMSNorm(x));   x = x + MLP(RMSNorm(x))   (pre-norm)
 the MLP is SwiGLU, positions enter through rotary embeddings (rotate-half RoPE).
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), so
-loading a checkpoint is a strict key-and-shape check (see checkpoint.py).
+loading a checkpoint is a strict key-and-shape check (see checkpoint.py); the
+hyperparameters come from config.json through config.ModelConfig.
 
 Shape legend: B batch, T time (new tokens), S time of keys (past + new),
 C hidden size, H query heads, K key/value heads, D head dim, V vocabulary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-# The classification architecture name Hugging Face uses for each family's reward model.
-REWARD_ARCHITECTURES = {
-    "qwen2": "Qwen2ForSequenceClassification",
-    "qwen3": "Qwen3ForSequenceClassification",
-    "llama": "LlamaForSequenceClassification",
-}
-CAUSAL_LM_ARCHITECTURES = {
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "llama": "LlamaForCausalLM",
-}
-
-
-@dataclass
-class ModelConfig:
-    """Hyperparameters, read only from a checkpoint's config.json (never from its folder name)."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # bias on q/k/v projections (always on for qwen2)
-    o_bias: bool = False  # bias on the output projection (llama/qwen3 `attention_bias`)
-    qk_norm: bool = False  # qwen3: RMSNorm over D on each query and key head
-    initializer_range: float = 0.02
-    is_reward_model: bool = False
-    pad_token_id: int | None = None
-    raw: dict = field(default_factory=dict, repr=False)  # the original config.json, re-saved as is
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
-        """Validate a Hugging Face config dict; refuse what this file does not implement."""
-
-        def need(key):
-            if key not in d:
-                raise ValueError(f"{source}: missing required key '{key}'")
-            return d[key]
-
-        model_type = need("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"{source}: model_type '{model_type}' is not implemented "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        # Newer configs nest RoPE settings under `rope_parameters`; older ones use
-        # `rope_theta` and `rope_scaling`. Only plain (unscaled) RoPE is implemented.
-        rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling")
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
-        if rope_type not in (None, "default"):
-            key = "rope_scaling" if scaling else "rope_parameters.rope_type"
-            raise ValueError(f"{source}: '{key}' = {scaling or rope} is not implemented (only plain RoPE)")
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: 'use_sliding_window': true is not implemented")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: 'hidden_act' = {d['hidden_act']!r} is not implemented (only silu)")
-        if d.get("mlp_bias"):
-            raise ValueError(f"{source}: 'mlp_bias': true is not implemented")
-        heads = need("num_attention_heads")
-        kv_heads = d.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ValueError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads {kv_heads}")
-        hidden = need("hidden_size")
-        attention_bias = bool(d.get("attention_bias", False))
-        architectures = d.get("architectures") or []
-        return cls(
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=d.get("head_dim") or hidden // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            # Qwen2 hard-codes bias on q/k/v and none on o; llama/qwen3 use one switch for all four.
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            qk_norm=model_type == "qwen3",
-            initializer_range=d.get("initializer_range", 0.02),
-            is_reward_model=any(a.endswith("ForSequenceClassification") for a in architectures),
-            pad_token_id=d.get("pad_token_id"),
-            raw=dict(d),
-        )
-
-    def to_hf_dict(self, dtype: torch.dtype | None = None) -> dict:
-        """The config.json to write next to the weights (the original keys, updated)."""
-        d = dict(self.raw)
-        d.update(
-            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act="silu",
-        )
-        if "rope_parameters" not in d:
-            d["rope_theta"] = self.rope_theta
-        if self.model_type != "qwen2":
-            d["attention_bias"] = self.o_bias
-        if self.is_reward_model:
-            d["architectures"] = [REWARD_ARCHITECTURES[self.model_type]]
-            d["num_labels"] = 1
-            d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
-            d["pad_token_id"] = self.pad_token_id
-        else:
-            d["architectures"] = [CAUSAL_LM_ARCHITECTURES[self.model_type]]
-        if dtype is not None:
-            d["torch_dtype"] = str(dtype).removeprefix("torch.")
-        return d
+from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -222,22 +105,19 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C); with `at` (B,), only the query at position at[b] of each row
         is computed, against the keys and values of every position: -> (B, 1, C)."""
         B, T, _ = x.shape
-        xq = x if at is None else x[torch.arange(B, device=x.device), at][:, None]  # (B, Tq, C)
+        xq = x if at is None else take_positions(x, at)  # (B, Tq, C)
         q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)  # (B, Tq, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:  # qwen3 normalises each head before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, D)
-        k = apply_rope(k, cos, sin)
-        if at is None:
-            q = apply_rope(q, cos, sin)
-        else:  # the query's own rotary phase, and the keys that position may see
-            rows = torch.arange(B, device=x.device)
-            q = apply_rope(q, cos[rows, at][:, None], sin[rows, at][:, None])
-            mask = query_mask_at(mask, at, T + (kv_cache.length if kv_cache is not None else 0))
+        cos_q, sin_q = (cos, sin) if at is None else (take_positions(cos, at), take_positions(sin, at))
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
+        if at is not None:  # the keys that the one query per row may see
+            mask = query_mask_at(mask, at, k.shape[2])
         # mask is None: plain causal attention (no padding that a real query could see).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
@@ -270,7 +150,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, at=None):
         h = self.input_layernorm(x)
         if at is not None:  # only position at[b] of each row is read: keep the residual stream there
-            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]  # (B, 1, C)
+            x = take_positions(x, at)  # (B, 1, C)
         x = x + self.self_attn(h, cos, sin, mask, kv_cache, layer, at)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -295,6 +175,11 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     visible = (k_pos <= q_pos) & m[:, None, :]  # (B, T, S)
     visible |= k_pos == q_pos  # each query sees itself
     return visible[:, None]  # (B, 1, T, S)
+
+
+def take_positions(x, at):
+    """x (B, T, ...) -> (B, 1, ...): position at[b] of each row b, keeping a time axis of one."""
+    return x[torch.arange(x.shape[0], device=x.device), at][:, None]
 
 
 def query_mask_at(mask, at, S: int):
@@ -349,7 +234,7 @@ class Backbone(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         if read_at is not None and not self.layers:  # no layer to narrow: pick the positions here
-            x = x[torch.arange(B, device=x.device), read_at][:, None]
+            x = take_positions(x, read_at)
         x = self.norm(x)  # (B, T, C), or (B, 1, C) with read_at
         return x if read_at is None else x[:, 0]
 
@@ -428,6 +313,6 @@ def num_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ModelConfig", "CausalLM", "RewardModel", "KVCache", "RMSNorm", "last_token_index",
+    "CausalLM", "RewardModel", "KVCache", "RMSNorm", "last_token_index",
     "num_parameters",
 ]

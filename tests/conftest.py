@@ -53,7 +53,8 @@ def tiny_world(tmp_path_factory):
     import torch
 
     import minialign
-    from minialign.model import CausalLM, ModelConfig
+    from minialign.config import ModelConfig
+    from minialign.model import CausalLM
 
     root = tmp_path_factory.mktemp("tiny_world")
     data = write_arithmetic_preferences(root / "prefs.jsonl")

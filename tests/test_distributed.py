@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from minialign.distributed import (DistEnv, GradReducer, all_reduce_sums, barrier, broadcast_parameters,
                                    destroy_distributed, init_distributed, make_buckets, print0)
-from minialign.model import CausalLM, ModelConfig
+from minialign.config import ModelConfig
+from minialign.model import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -16,7 +16,8 @@ from minialign import load_model, load_tokenizer, save_model
 from minialign.collate import tokenize_pairs
 from minialign.data import load_preferences
 from minialign.evaluation import implicit_rewards
-from minialign.model import CausalLM, ModelConfig, RewardModel
+from minialign.config import ModelConfig
+from minialign.model import CausalLM, RewardModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))

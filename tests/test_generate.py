@@ -4,7 +4,8 @@ import torch
 
 import minialign
 from minialign.generate import generate_tokens, sample_next
-from minialign.model import CausalLM, ModelConfig
+from minialign.config import ModelConfig
+from minialign.model import CausalLM
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -8,7 +8,8 @@ import torch
 
 import minialign
 from minialign.checkpoint import read_state_dict, save_model
-from minialign.model import CausalLM, KVCache, ModelConfig, RewardModel, last_token_index
+from minialign.config import ModelConfig
+from minialign.model import CausalLM, KVCache, RewardModel, last_token_index
 
 
 def tiny_config(model_type="qwen2", **over):
@@ -131,9 +132,7 @@ def test_reward_last_layer_only_at_read_position(arch, over, side, ckpt):
     ids = torch.randint(3, 101, (3, T))
     mask = torch.zeros(3, T, dtype=torch.long)
     for i, n in enumerate(lengths):
-        mask[i, :n] = 1 if side == "right" else 0
-        if side == "left":
-            mask[i, T - n :] = 1
+        mask[i, slice(0, n) if side == "right" else slice(T - n, T)] = 1
 
     def slow(ids, mask):
         h = rm.model(ids, mask)  # (B, T, C): all positions

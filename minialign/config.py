@@ -1,0 +1,131 @@
+"""A model's hyperparameters, read from and written back to a Hugging Face config.json.
+
+ModelConfig holds what model.py needs to build a network; from_hf_dict validates a config
+and refuses what is not implemented (naming the key), to_hf_dict writes the original keys back,
+updated, so a saved checkpoint loads in transformers too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+# The classification architecture name Hugging Face uses for each family's reward model.
+REWARD_ARCHITECTURES = {
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+}
+CAUSAL_LM_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters, read only from a checkpoint's config.json (never from its folder name)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (always on for qwen2)
+    o_bias: bool = False  # bias on the output projection (llama/qwen3 `attention_bias`)
+    qk_norm: bool = False  # qwen3: RMSNorm over D on each query and key head
+    initializer_range: float = 0.02
+    is_reward_model: bool = False
+    pad_token_id: int | None = None
+    raw: dict = field(default_factory=dict, repr=False)  # the original config.json, re-saved as is
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Validate a Hugging Face config dict; refuse what this file does not implement."""
+
+        def need(key):
+            if key not in d:
+                raise ValueError(f"{source}: missing required key '{key}'")
+            return d[key]
+
+        model_type = need("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type '{model_type}' is not implemented "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        # Newer configs nest RoPE settings under `rope_parameters`; older ones use
+        # `rope_theta` and `rope_scaling`. Only plain (unscaled) RoPE is implemented.
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
+        if rope_type not in (None, "default"):
+            key = "rope_scaling" if scaling else "rope_parameters.rope_type"
+            raise ValueError(f"{source}: '{key}' = {scaling or rope} is not implemented (only plain RoPE)")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: 'use_sliding_window': true is not implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: 'hidden_act' = {d['hidden_act']!r} is not implemented (only silu)")
+        if d.get("mlp_bias"):
+            raise ValueError(f"{source}: 'mlp_bias': true is not implemented")
+        heads = need("num_attention_heads")
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ValueError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads {kv_heads}")
+        hidden = need("hidden_size")
+        attention_bias = bool(d.get("attention_bias", False))
+        architectures = d.get("architectures") or []
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 hard-codes bias on q/k/v and none on o; llama/qwen3 use one switch for all four.
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            qk_norm=model_type == "qwen3",
+            initializer_range=d.get("initializer_range", 0.02),
+            is_reward_model=any(a.endswith("ForSequenceClassification") for a in architectures),
+            pad_token_id=d.get("pad_token_id"),
+            raw=dict(d),
+        )
+
+    def to_hf_dict(self, dtype: torch.dtype | None = None) -> dict:
+        """The config.json to write next to the weights (the original keys, updated)."""
+        d = dict(self.raw)
+        d.update(
+            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+        )
+        if "rope_parameters" not in d:
+            d["rope_theta"] = self.rope_theta
+        if self.model_type != "qwen2":
+            d["attention_bias"] = self.o_bias
+        if self.is_reward_model:
+            d["architectures"] = [REWARD_ARCHITECTURES[self.model_type]]
+            d["num_labels"] = 1
+            d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+            d["pad_token_id"] = self.pad_token_id
+        else:
+            d["architectures"] = [CAUSAL_LM_ARCHITECTURES[self.model_type]]
+        if dtype is not None:
+            d["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return d
