@@ -94,8 +94,8 @@ def test_gradient_checkpointing_same_gradients(reward):
         return {n: p.grad.clone() for n, p in m.named_parameters()}
 
     g0, g1 = grads(False), grads(True)
-    for n in g0:
-        torch.testing.assert_close(g0[n], g1[n], atol=0, rtol=0, msg=n)
+    for n in g0:  # the same kernels run again in backward; a tolerance, since torch does not promise bits
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_reward_read_at_last_real_token():
@@ -164,7 +164,9 @@ def test_save_load_round_trip_exact(tmp_path, arch, over):
         assert m2.lm_head.weight is m2.model.embed_tokens.weight
         assert "lm_head.weight" not in read_state_dict(tmp_path / "ckpt")
     ids = torch.randint(3, 101, (2, 5))
-    assert torch.equal(m(ids), m2.eval()(ids))
+    # The saved tensors are equal bit for bit (above); two model objects' forwards are only
+    # promised to agree to rounding (kernels may depend on memory layout).
+    torch.testing.assert_close(m(ids), m2.eval()(ids), atol=1e-6, rtol=1e-5)
 
 
 def test_reward_model_round_trip_and_hf_layout(tmp_path):
@@ -177,8 +179,10 @@ def test_reward_model_round_trip_and_hf_layout(tmp_path):
     assert "score.weight" in read_state_dict(tmp_path / "rm")
     rm2 = minialign.load_model(tmp_path / "rm")
     assert isinstance(rm2, RewardModel)
+    for (n, p), (n2, p2) in zip(rm.state_dict().items(), rm2.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2), n  # saved tensors: bit for bit
     ids = torch.randint(3, 101, (2, 5))
-    assert torch.equal(rm.eval()(ids), rm2.eval()(ids))
+    torch.testing.assert_close(rm.eval()(ids), rm2.eval()(ids), atol=1e-6, rtol=1e-5)  # computed: to rounding
 
 
 def test_causal_lm_checkpoint_as_reward_backbone(tmp_path):
@@ -197,8 +201,10 @@ def test_sharded_checkpoint_loads(tmp_path):
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
     m2 = minialign.load_model(tmp_path / "sharded")
+    for (n, p), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2), n  # saved tensors: bit for bit
     ids = torch.randint(3, 101, (1, 6))
-    assert torch.equal(m(ids), m2.eval()(ids))
+    torch.testing.assert_close(m(ids), m2.eval()(ids), atol=1e-6, rtol=1e-5)  # computed: to rounding
 
 
 def test_dtype_and_bf16_forward(tmp_path):

@@ -95,7 +95,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_world, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "model").exists()
     run("train_rm.py", tiny_world, out, *args, "--resume")
-    assert_same_weights(weights(tmp_path / "whole"), weights(out), atol=0)
+    # Two processes computed these weights: equal to rounding (torch does not promise bits across
+    # model objects); the tolerance is far below what one training step moves a weight.
+    assert_same_weights(weights(tmp_path / "whole"), weights(out), atol=1e-6)
     steps = [r["step"] for r in records(out)]
     assert steps == list(range(1, 13))  # no step logged twice after the resume
 
