@@ -3,79 +3,116 @@
     python train_dpo.py --model DIR --data FILE --output runs/dpo
     torchrun --nproc_per_node 8 train_dpo.py --model DIR --data FILE --output runs/dpo --precompute_ref
 
-With no --model / --data it runs on the demo world (built under runs/demo/ if missing).
-The reference is the initial policy (or --ref_model), frozen in eval mode; with
---precompute_ref its log-probs are computed once and cached. --loss_type simpo needs no
-reference and loads none. Output: runs/dpo/model/ (causal-LM layout with tokenizer files),
-metrics.jsonl, curves.png, run_config.json, checkpoints/.
+With neither --model nor --data it runs on the demo world (built under runs/demo/ if missing).
+The reference is the initial policy (or --ref_model), frozen in eval mode (under bf16, its
+linear weights are held in bf16); with --precompute_ref its log-probs are computed once and
+cached. --loss_type simpo needs no reference and loads none. Output: runs/dpo/model/
+(causal-LM layout with tokenizer files), metrics.jsonl, curves.png, run_config.json, checkpoints/.
 """
-import argparse
 from pathlib import Path
 
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
-from minialign.dpo import LOSS_TYPES, dpo_objective, precompute_reference_logps
+from minialign.checkpoint import checkpoint_dtype
+from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
+                           non_negative_float, positive_float, run_main, run_settings, train_config)
+from minialign.demo import use_demo_world
+from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
 from minialign.plots import plot_training_curves
-from minialign.train import add_training_args, prepare_pairs, resolve_data_defaults, train, write_run_config
+from minialign.precision import default_dtype, hold_frozen_in_bf16
+from minialign.prepare import data_settings, prepare_pairs
+from minialign.run_folder import RunFolder
+from minialign.train import describe_setup, train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_training_args(p)
-    a = p.add_argument
-    a("--beta", type=float, default=0.1, help="strength of the implicit KL penalty towards the reference")
-    a("--loss_type", default="sigmoid", choices=LOSS_TYPES, help="sigmoid (DPO), ipo, hinge, robust, or simpo")
-    a("--label_smoothing", type=float, default=0.0, help="assumed rate of flipped labels (sigmoid: cDPO; robust: rDPO)")
-    a("--simpo_gamma", type=float, default=0.5, help="SimPO target margin gamma")
-    a("--rpo_alpha", type=float, default=None, help="weight of the chosen answer's per-token NLL added to the loss (RPO)")
-    a("--ref_model", default=None, help="reference checkpoint (default: the initial policy, --model)")
-    a("--precompute_ref", action="store_true", help="compute reference log-probs once before training and cache them")
-    a("--ref_cache_dir", default=None, help="where cached reference log-probs live (default: OUTPUT/ref_cache)")
+    g = p.add_argument_group("DPO")
+    g.add_argument("--beta", type=positive_float, default=0.1, help="strength of the implicit KL penalty towards the reference")
+    g.add_argument("--loss_type", default="sigmoid", choices=LOSS_TYPES, help="sigmoid (DPO), ipo, hinge, robust, or simpo")
+    g.add_argument("--label_smoothing", type=float_range(0.0, 0.5), default=0.0,
+                   help="assumed rate of flipped labels (sigmoid: cDPO; robust: rDPO, below 0.5)")
+    g.add_argument("--simpo_gamma", type=float_range(), default=0.5, help="SimPO target margin gamma")
+    g.add_argument("--rpo_alpha", type=non_negative_float, default=None,
+                   help="weight of the chosen answer's per-token NLL added to the loss (RPO)")
+    g.add_argument("--ref_model", default=None, help="reference checkpoint (default: the initial policy, --model)")
+    g.add_argument("--precompute_ref", action="store_true", help="compute reference log-probs once before training and cache them")
+    g.add_argument("--ref_cache_dir", default=None, help="where cached reference log-probs live (default: OUTPUT/ref_cache)")
     p.set_defaults(lr=5e-7, output="runs/dpo")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_training_args(p, args)
+    if args.loss_type == "robust" and args.label_smoothing >= 0.5:
+        p.error("--label_smoothing must be below 0.5 for --loss_type robust (it divides by 1 - 2 * label_smoothing)")
+    if args.label_smoothing and args.loss_type in ("ipo", "hinge", "simpo"):
+        p.error(f"--label_smoothing is not defined for --loss_type {args.loss_type}")
+    return args
+
+
+def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
+    """The frozen reference as a function of the batch (dpo.py): a live forward of the reference
+    model, or a lookup in its log-probs computed once (--precompute_ref). None for SimPO."""
+    if args.loss_type == "simpo":
+        return None
+    ref_dir = args.ref_model or args.model
+    ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
+    if dtype == "bf16":
+        hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
+    if not args.precompute_ref:
+        return live_reference(ref_model)
+    cache_dir = args.ref_cache_dir or Path(args.output) / "ref_cache"
+    settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
+                "truncation": args.truncation}
+    tables = {name: reference_table(ref_model, ref_dir, tokenizer, items, name, args.eval_batch_size or args.batch_size,
+                                    dtype, settings, cache_dir, env)
+              for name, items in (("train", train_items), ("eval", eval_items))}
+    return precomputed_reference(tables)  # the reference model is no longer referenced: its memory is freed
 
 
 def main(argv=None):
     args = parse_args(argv)
     env = init_distributed(args.dist_timeout)
-    resolve_data_defaults(args, env)
+    if args.model is None:
+        use_demo_world(args, env)
+    run = RunFolder(args.output, env)
+    run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
+    dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
-    write_run_config(args, env)
-    output = Path(args.output)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model)
-    train_items, eval_items = prepare_pairs(args, env, tokenizer)
+    data = data_config(args)
+    train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
     # 2. Policy, and the frozen reference (none for SimPO).
     policy = load_model(args.model, device=env.device)
     policy.gradient_checkpointing = args.gradient_checkpointing
     broadcast_parameters(policy, env)
-    ref_model = None
-    if args.loss_type != "simpo":
-        ref_dir = args.ref_model or args.model
-        ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
-        if args.precompute_ref:
-            cache_dir = args.ref_cache_dir or output / "ref_cache"
-            precompute_reference_logps(ref_model, ref_dir, tokenizer, {"train": train_items, "eval": eval_items},
-                                       args, env, tokenizer.pad_token_id, cache_dir)
-            ref_model = None  # every pair now carries its reference log-probs: free the memory
+    print0(env, describe_setup(policy, env, dtype))
+    reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items)
 
     # 3. Train, evaluate, save.
-    objective = dpo_objective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma,
-                              args.rpo_alpha, ref_model)
-    eval_metrics, records = train(policy, objective, train_items, eval_items, args, env, tokenizer,
-                                  tokenizer.pad_token_id)
+    objective = dpo_objective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha,
+                              reference)
+    settings = {**data_settings(data), **run_settings(
+        args, objective="dpo", loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
+        simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, ref_model=str(args.ref_model or args.model))}
+    run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
+    eval_metrics, records = train(policy, objective, train_items, eval_items, train_config(args, dtype, settings), env,
+                                  tokenizer, GradReducer(policy, env, args.bucket_mb), run)
     if env.is_main:
-        save_model(policy, output / "model", tokenizer)
-        plot_training_curves([(output.name, records)], output / "curves.png",
+        save_dtype = checkpoint_dtype(policy.config) if args.save_dtype == "auto" else args.save_dtype
+        save_model(policy, run.path / "model", tokenizer, dtype=save_dtype)
+        plot_training_curves([(run.path.name, records)], run.path / "curves.png",
                              metrics=("loss", "rewards/accuracies", "rewards/margins"))
-        print0(env, f"policy saved to {output / 'model'}; curves in {output / 'curves.png'}")
+        print0(env, f"policy saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
+    run.finish()
+    run.release()
     destroy_distributed(env)
     return eval_metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,61 +3,79 @@
     python train_rm.py --model DIR --data FILE --output runs/rm
     torchrun --nproc_per_node 8 train_rm.py --model DIR --data FILE --output runs/rm
 
-With no --model / --data it trains on the demo world (built under runs/demo/ if missing).
+With neither --model nor --data it trains on the demo world (built under runs/demo/ if missing).
 The backbone is any supported causal-LM checkpoint; a scalar head Linear(hidden, 1) reads
-the last real token. Output: runs/rm/model/ (Hugging Face sequence-classification layout),
-metrics.jsonl, curves.png, run_config.json, checkpoints/.
+the last real token (the answer's end-of-turn token). Output: runs/rm/model/ (Hugging Face
+sequence-classification layout), metrics.jsonl, curves.png, run_config.json, checkpoints/.
 """
-import argparse
-from pathlib import Path
-
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.checkpoint import checkpoint_dtype
+from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
+                           non_negative_float, run_main, run_settings, train_config)
+from minialign.demo import use_demo_world
+from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.plots import plot_training_curves
+from minialign.precision import default_dtype
+from minialign.prepare import data_settings, prepare_pairs
 from minialign.reward import reward_objective
-from minialign.train import add_training_args, prepare_pairs, resolve_data_defaults, train, write_run_config
+from minialign.run_folder import RunFolder
+from minialign.train import describe_setup, train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_training_args(p)
-    p.add_argument("--center_rewards_coef", type=float, default=0.0,
+    g = p.add_argument_group("reward model")
+    g.add_argument("--center_rewards_coef", type=non_negative_float, default=0.0,
                    help="weight of the reward-centering penalty coef * (r_c + r_r)^2 (0: off)")
-    p.add_argument("--margin", type=float, default=None, help="constant margin m in -log sigmoid(r_c - r_r - m)")
+    g.add_argument("--margin", type=float_range(), default=None, help="constant margin m in -log sigmoid(r_c - r_r - m)")
     p.set_defaults(lr=2e-5, output="runs/rm")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_training_args(p, args)
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     env = init_distributed(args.dist_timeout)
-    resolve_data_defaults(args, env)
+    if args.model is None:
+        use_demo_world(args, env)
+    run = RunFolder(args.output, env)
+    run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
+    dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
-    write_run_config(args, env)
-    output = Path(args.output)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model)
-    train_items, eval_items = prepare_pairs(args, env, tokenizer)
+    data = data_config(args)
+    train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
     # 2. Model: the causal-LM backbone with a fresh scalar head (or a reward model to continue).
     model = load_model(args.model, reward=True, device=env.device)
     model.config.pad_token_id = tokenizer.pad_token_id  # written to config.json, as HF expects
     model.gradient_checkpointing = args.gradient_checkpointing
     broadcast_parameters(model, env)  # the fresh head is random: every rank starts from rank 0's
+    print0(env, describe_setup(model, env, dtype))
 
     # 3. Train, evaluate, save.
-    eval_metrics, records = train(model, reward_objective(args.center_rewards_coef, args.margin),
-                                  train_items, eval_items, args, env, tokenizer, tokenizer.pad_token_id)
+    objective = reward_objective(args.center_rewards_coef, args.margin)
+    settings = {**data_settings(data), **run_settings(args, objective="bradley_terry", margin=args.margin,
+                                                       center_rewards_coef=args.center_rewards_coef)}
+    run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
+    eval_metrics, records = train(model, objective, train_items, eval_items, train_config(args, dtype, settings), env,
+                                  tokenizer, GradReducer(model, env, args.bucket_mb), run)
     if env.is_main:
-        save_model(model, output / "model", tokenizer)
-        plot_training_curves([(output.name, records)], output / "curves.png", metrics=("loss", "accuracy"))
-        print0(env, f"reward model saved to {output / 'model'}; curves in {output / 'curves.png'}")
+        save_dtype = checkpoint_dtype(model.config) if args.save_dtype == "auto" else args.save_dtype
+        save_model(model, run.path / "model", tokenizer, dtype=save_dtype)
+        plot_training_curves([(run.path.name, records)], run.path / "curves.png", metrics=("loss", "accuracy"))
+        print0(env, f"reward model saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
+    run.finish()
+    run.release()
     destroy_distributed(env)
     return eval_metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -150,6 +150,15 @@ def atomic_directory(path):
         raise
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file's permissions set by the umask like any other file
+    (save_file creates it 0600, which a teammate on a shared cluster cannot read)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_state_dict(state: dict[str, torch.Tensor], folder, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):
     """Write tensors as model.safetensors, or as shards plus an index when larger than the limit."""
     folder = Path(folder)
@@ -165,25 +174,27 @@ def write_state_dict(state: dict[str, torch.Tensor], folder, max_shard_bytes=DEF
     shards.append(current)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=metadata)
+        save_tensors(shards[0], folder / WEIGHTS_NAME, metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=metadata)
+        save_tensors(shard, folder / name, metadata=metadata)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(folder / INDEX_NAME, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):
-    """config.json, the safetensors weights and the tokenizer files, written into `folder`."""
+def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None):
+    """config.json, the safetensors weights (cast to `dtype` if given) and the tokenizer files,
+    written into `folder`."""
     folder = Path(folder)
     state = dict(model.state_dict())
     if isinstance(model, CausalLM) and model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # stored once, as the embedding (what transformers expects)
-    dtype = next(model.parameters()).dtype
+    dtype = parse_dtype(dtype) or next(model.parameters()).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with open(folder / "config.json", "w") as f:
         json.dump(model.config.to_hf_dict(dtype), f, indent=2)
     write_state_dict(state, folder, max_shard_bytes)
@@ -195,11 +206,19 @@ def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX
         tokenizer.save(folder)
 
 
-def save_model(model, path, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES):
+def save_model(model, path, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None):
     """Save in Hugging Face layout (loadable by transformers' Auto classes), atomically.
 
     tokenizer: a minialign Tokenizer (its files are written) or a folder whose tokenizer files
-    are copied alongside, so the checkpoint is self-contained.
+    are copied alongside, so the checkpoint is self-contained. dtype: store the weights in this
+    dtype ("bf16", torch.bfloat16, ...); default: the model's own.
     """
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp, tokenizer, max_shard_bytes)
+        write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype)
+
+
+def checkpoint_dtype(config: ModelConfig) -> str:
+    """The dtype a checkpoint declares in config.json ("torch_dtype" in 4.x, "dtype" in 5.x), as
+    "fp32" / "bf16" / "fp16"; fp32 when it declares none."""
+    declared = config.raw.get("torch_dtype") or config.raw.get("dtype") or "float32"
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(declared), "fp32")

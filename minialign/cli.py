@@ -12,7 +12,10 @@ import math
 import os
 import sys
 
+from .data import FORMATS, PKU_LABEL_KEYS
 from .errors import UserError
+from .prepare import DataConfig
+from .train import TrainConfig
 
 DEBUG_ENV = "MINIALIGN_DEBUG"
 USAGE_ERROR = 2  # the exit status argparse uses for a bad command line; we use it for every user error
@@ -110,6 +113,111 @@ def eval_dtype(text: str) -> str:
     return EVAL_DTYPES[key]
 
 
+# --------------------------------------------------------------------- the trainers' flags
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags both trainers share. --batch_size is per rank: the global batch is
+    batch_size x grad_accum x world_size pairs."""
+    g = parser.add_argument_group("model and data (give both, or neither for the demo world)")
+    g.add_argument("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
+    g.add_argument("--data", help="training preferences (.json, .jsonl, .gz)")
+    g.add_argument("--data_format", default="auto", choices=("auto", *FORMATS), help="override format detection")
+    g.add_argument("--eval_data", help="held-out preferences (default: --eval_split of --data)")
+    g.add_argument("--eval_split", type=float_range(0.0, 1.0, high_open=True), default=0.1,
+                   help="share of --data's distinct prompts held out when --eval_data is absent (0: no eval)")
+    g.add_argument("--strict", action="store_true", help="any skipped record is an error instead of a counted skip")
+    g.add_argument("--pku_label_key", default="better_response_id", choices=PKU_LABEL_KEYS,
+                   help="PKU-SafeRLHF: which label decides the chosen response")
+    g.add_argument("--max_length", type=int_range(2), default=512, help="max tokens of prompt + response")
+    g.add_argument("--max_prompt_length", type=positive_int, default=None,
+                   help="max prompt tokens, the prompt's end kept (default: half of --max_length)")
+    g.add_argument("--truncation", default="keep_end", choices=("keep_end", "drop"),
+                   help="over-long pairs: cut the prompt's start (answers stay whole), or drop the pair")
+    o = parser.add_argument_group("run folder")
+    o.add_argument("--output", help="run folder: metrics.jsonl, curves.png, checkpoints/, model/")
+    o.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    o.add_argument("--resume_anyway", action="store_true",
+                   help="with --resume: continue although settings that must not change did")
+    o.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output that holds one (its checkpoints are moved aside)")
+    o.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N steps (0: none)")
+    o.add_argument("--save_total_limit", type=non_negative_int, default=2,
+                   help="keep this many newest checkpoints of this run (0: all)")
+    o.add_argument("--save_dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="dtype of the final model (auto: the dtype of the checkpoint the run started from)")
+    t = parser.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
+    t.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate")
+    t.add_argument("--weight_decay", type=non_negative_float, default=0.0,
+                   help="AdamW decoupled weight decay (never on norms and biases)")
+    t.add_argument("--warmup_ratio", type=float_range(0.0, 1.0, high_open=True), default=0.03,
+                   help="share of steps of linear warm-up before cosine decay")
+    t.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="clip the global gradient norm to this")
+    t.add_argument("--batch_size", type=positive_int, default=4, help="pairs per rank per micro-step")
+    t.add_argument("--grad_accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    t.add_argument("--eval_batch_size", type=positive_int, default=None, help="pairs per rank per eval step "
+                   "(default: --batch_size)")
+    t.add_argument("--group_by_length", action="store_true", help="batch pairs of similar length to cut padding")
+    t.add_argument("--pad_to_multiple_of", type=positive_int, default=None,
+                   help="round each batch's length up (e.g. 8 for tensor cores)")
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each layer in backward: less memory, ~10-30%% more time")
+    t.add_argument("--dtype", type=lambda s: "auto" if s == "auto" else train_dtype(s), default="auto",
+                   help="auto (bf16 on a GPU that has it, else fp32), fp32/float32, or bf16/bfloat16 "
+                        "(autocast matmuls, fp32 master weights)")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and split")
+    r = parser.add_argument_group("logging and data parallel")
+    r.add_argument("--log_every", type=non_negative_int, default=1, help="progress line every N steps (0: at the end)")
+    r.add_argument("--eval_every", type=non_negative_int, default=0, help="evaluate every N steps (0: at the end)")
+    r.add_argument("--bucket_mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size in MB")
+    r.add_argument("--dist_timeout", type=positive_int, default=1800,
+                   help="seconds before a collective that waits for a stuck rank fails")
+    r.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+    return parser
+
+
+def check_training_args(parser: argparse.ArgumentParser, args) -> None:
+    """The checks that involve two flags (a mistake is reported like a parse error, one line)."""
+    if (args.model is None) != (args.data is None):
+        parser.error(f"--{'data' if args.model else 'model'} is missing: give both --model and --data, "
+                     f"or neither for the demo world")
+    if args.eval_data and args.model is None:
+        parser.error("--eval_data needs --model and --data too")
+    if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
+        parser.error(f"--max_prompt_length {args.max_prompt_length} must be below --max_length {args.max_length}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other")
+    if args.resume_anyway and not args.resume:
+        parser.error("--resume_anyway only makes sense with --resume")
+
+
+def data_config(args) -> DataConfig:
+    return DataConfig(data=args.data, eval_data=args.eval_data, eval_split=args.eval_split,
+                      data_format=args.data_format, strict=args.strict, pku_label_key=args.pku_label_key,
+                      max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                      truncation=args.truncation, seed=args.seed)
+
+
+def train_config(args, dtype: str, run_settings: dict) -> TrainConfig:
+    """The loop's TrainConfig from the parsed flags (dtype already resolved from "auto")."""
+    return TrainConfig(
+        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, group_by_length=args.group_by_length,
+        pad_to_multiple_of=args.pad_to_multiple_of, dtype=dtype, seed=args.seed, log_every=args.log_every,
+        eval_every=args.eval_every, save_every=args.save_every, save_total_limit=args.save_total_limit,
+        resume=args.resume, resume_anyway=args.resume_anyway, run_settings=run_settings)
+
+
+def run_settings(args, **objective_settings) -> dict:
+    """What a resumed run must share with the run it continues, besides the data (recorded in
+    every checkpoint and compared on --resume): the model, the optimisation, the objective."""
+    return {"model": str(args.model), "seed": args.seed, "lr": args.lr, "weight_decay": args.weight_decay,
+            "warmup_ratio": args.warmup_ratio, "max_grad_norm": args.max_grad_norm,
+            "group_by_length": args.group_by_length, **objective_settings}
+
+
 # ------------------------------------------------------------------------- error boundary
 
 def debug_requested(argv) -> bool:
@@ -133,6 +241,6 @@ def run_main(main, argv=None):
 
 
 __all__ = [
-    "ArgumentParser", "HelpFormatter", "int_range", "float_range", "positive_int", "non_negative_int",
+    "add_training_args", "check_training_args", "data_config", "train_config", "run_settings", "ArgumentParser", "HelpFormatter", "int_range", "float_range", "positive_int", "non_negative_int",
     "positive_float", "non_negative_float", "train_dtype", "eval_dtype", "run_main", "debug_requested",
 ]

@@ -15,14 +15,19 @@ after <|im_end|> is cut off, not just left unlabelled: a generation never produc
 every training sequence ends exactly where a sampled answer ends, and a reward model reads
 its score at <|im_end|> in training and at inference alike.
 
-Truncation policy (`max_prompt_length`, `max_length`, `truncation`):
-  * a prompt longer than max_prompt_length keeps its last max_prompt_length tokens (the
-    most recent turns matter most); counted as prompt_truncated.
-  * if prompt + longer answer exceeds max_length:
-      truncation="drop" (default): the pair is dropped, counted "over_length". Every kept
-          answer then ends with <|im_end|>, so the reward is always read at the same token.
-      truncation="keep_end": answers are cut to fit and lose their <|im_end|>; counted as
-          response_truncated. A prompt that leaves no room for one answer token is dropped.
+Truncation policy (`max_prompt_length`, `max_length`, `truncation`), the same for the reward
+model, DPO and the reward model's scoring at evaluation (reward.conversation_ids):
+  * an answer is never cut: it always ends with its end-of-turn token, so a reward is always
+    read at that token and DPO always learns where an answer stops;
+  * a prompt longer than max_prompt_length keeps its last max_prompt_length tokens (the most
+    recent turns matter most); counted as prompt_truncated;
+  * if prompt + longer answer still exceeds max_length:
+      truncation="keep_end" (default): the prompt's start is cut further, down to what fits
+          beside the longer answer; a pair whose longer answer alone fills max_length is dropped
+          ("over_length");
+      truncation="drop": the pair is dropped ("over_length").
+  * when most kept pairs lose more than three quarters of their prompt (max_length far below
+    the prompts), the summary says so: such pairs keep little more than the template's tail.
 The counts come back in `TokenizeStats`; drops also go to a LoadReport (minialign.data).
 
 Collation stacks chosen then rejected into one right-padded [2B, T] batch (rows 0..B-1
@@ -38,7 +43,9 @@ import torch
 
 from .logprobs import IGNORE_INDEX
 
-TRUNCATION_MODES = ("drop", "keep_end")
+TRUNCATION_MODES = ("keep_end", "drop")
+# A pair that keeps less than this share of its prompt's tokens counts as "prompt mostly cut".
+MOSTLY_CUT_SHARE = 0.25
 # tokenize_pairs encodes this many pairs per call: big enough for the Rust tokenizer's parallelism,
 # small enough that the full-conversation token lists of a large data set never coexist in memory.
 ENCODE_CHUNK_PAIRS = 512
@@ -47,12 +54,11 @@ ENCODE_CHUNK_PAIRS = 512
 @dataclass
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]    # answer tokens, all labelled; end with <|im_end|> unless response_truncated
+    chosen_ids: list[int]    # answer tokens, all labelled, ending with the end-of-turn token
     rejected_ids: list[int]
     line: int | None = None  # the pair's line in its source file, for error messages
     prompt_truncated: bool = False
-    response_truncated: bool = False
-    ref_logps: tuple[float, float] | None = None  # reference log-probs (chosen, rejected), if precomputed (DPO)
+    prompt_mostly_cut: bool = False  # kept less than MOSTLY_CUT_SHARE of the prompt
 
     @property
     def length(self) -> int:
@@ -65,13 +71,17 @@ class TokenizeStats:
     pairs: int = 0                 # pairs given
     kept: int = 0
     prompt_truncated: int = 0      # among kept
-    response_truncated: int = 0    # among kept
+    prompt_mostly_cut: int = 0     # among kept: less than MOSTLY_CUT_SHARE of the prompt left
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count ("over_length", "not_prefix")
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (f"tokenized {self.pairs} pairs: kept {self.kept} (prompt truncated {self.prompt_truncated}, "
-                f"response truncated {self.response_truncated}), dropped: {drops}")
+        text = (f"tokenized {self.pairs} pairs: kept {self.kept} (prompt truncated {self.prompt_truncated}), "
+                f"dropped: {drops}")
+        if self.kept and self.prompt_mostly_cut > self.kept / 2:
+            text += (f"\nwarning: {self.prompt_mostly_cut} of {self.kept} pairs kept less than a quarter of their "
+                     f"prompt (little more than the chat template's tail); raise --max_length or --max_prompt_length")
+        return text
 
 
 class PairSkipped(ValueError):
@@ -116,17 +126,17 @@ def _tokenized(tokenizer, pair, ids: list[list[int]], max_length, max_prompt_len
     prompt_ids, full_chosen, full_rejected = ids
     chosen = _answer_ids(tokenizer, prompt_ids, full_chosen, "chosen", pair.line)
     rejected = _answer_ids(tokenizer, prompt_ids, full_rejected, "rejected", pair.line)
-    out = TokenizedPair(prompt_ids, chosen, rejected, pair.line)
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        out.prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: the latest turns
-        out.prompt_truncated = True
-    if max_length is not None and out.length > max_length:
-        room = max_length - len(out.prompt_ids)
+    keep = len(prompt_ids) if max_prompt_length is None else min(len(prompt_ids), max_prompt_length)
+    longer = max(len(chosen), len(rejected))
+    if max_length is not None and keep + longer > max_length:
+        room = max_length - longer  # prompt tokens that fit beside the longer answer
         if truncation == "drop" or room < 1:
-            raise PairSkipped("over_length", pair.line,
-                              f"{out.length} tokens > max_length={max_length} (prompt {len(out.prompt_ids)})")
-        out.chosen_ids, out.rejected_ids = chosen[:room], rejected[:room]  # <|im_end|> is lost
-        out.response_truncated = True
+            raise PairSkipped("over_length", pair.line, f"{keep + longer} tokens > max_length={max_length} "
+                                                        f"(prompt {keep}, longer answer {longer})")
+        keep = room
+    out = TokenizedPair(prompt_ids[len(prompt_ids) - keep:], chosen, rejected, pair.line)  # the prompt's END
+    out.prompt_truncated = keep < len(prompt_ids)
+    out.prompt_mostly_cut = keep < MOSTLY_CUT_SHARE * len(prompt_ids)
     return out
 
 
@@ -138,7 +148,7 @@ def _check_options(max_length, max_prompt_length, truncation) -> None:
 
 
 def tokenize_pair(tokenizer, pair, max_length: int | None = None, max_prompt_length: int | None = None,
-                  truncation: str = "drop") -> TokenizedPair:
+                  truncation: str = "keep_end") -> TokenizedPair:
     """Tokenize one PreferencePair (see the module docstring for labels and truncation).
 
     Raises PairSkipped (a ValueError naming the pair's line) with reason "over_length" or
@@ -150,7 +160,7 @@ def tokenize_pair(tokenizer, pair, max_length: int | None = None, max_prompt_len
 
 
 def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_length: int | None = None,
-                   truncation: str = "drop", report=None, strict: bool = False
+                   truncation: str = "keep_end", report=None, strict: bool = False
                    ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize many pairs. Unusable pairs are dropped and counted in the returned stats and,
     when given, in `report` (a minialign.data.LoadReport, via add_skip); strict=True raises instead."""
@@ -173,7 +183,7 @@ def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_l
             continue
         kept.append(tp)
         stats.prompt_truncated += tp.prompt_truncated
-        stats.response_truncated += tp.response_truncated
+        stats.prompt_mostly_cut += tp.prompt_mostly_cut
     stats.kept = len(kept)
     return kept, stats
 
@@ -206,6 +216,11 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple
         labels[r, n:n + m] = torch.tensor(answer, dtype=torch.long)  # the prompt stays IGNORE_INDEX
         lengths[r] = n + m
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a batch on `device` (non-blocking from pinned memory on CUDA)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict:

@@ -20,7 +20,6 @@ A marker file, written last, says the build finished; a crash mid-build rebuilds
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -33,9 +32,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_model
+from .cli import ArgumentParser, run_main
 from .collate import collate_pairs, tokenize_pairs
 from .data import PreferencePair, load_preferences
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, barrier, print0
+from .errors import UserError
 from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
 from .config import ModelConfig
 from .model import CausalLM, num_parameters
@@ -184,6 +185,15 @@ def demo_paths(env: DistEnv | None = None, root="runs/demo", base: BaseModelSett
     return DemoPaths(root / "base", root / "data" / "train.jsonl", root / "data" / "eval.jsonl", root)
 
 
+def use_demo_world(args, env: DistEnv, root="runs/demo") -> None:
+    """For a trainer given neither --model nor --data: the demo world's base model, train and
+    eval splits (built under `root` on first use), announced in the first line of output."""
+    print0(env, f"no --model and --data given: training on the demo world in {root} "
+                f"(python -m minialign.demo runs the whole assignment on it)")
+    paths = demo_paths(env, root)
+    args.model, args.data, args.eval_data = str(paths.base_model), str(paths.train_data), str(paths.eval_data)
+
+
 # ----------------------------------------------------------------------------------------
 # The whole demo: python -m minialign.demo
 
@@ -238,6 +248,9 @@ def _children_cpu() -> float:
 
 def run_script(script: str, args, step: str) -> float:
     """Run one of the repository's scripts with this Python, its output streaming through."""
+    if not (REPO / script).is_file():
+        raise UserError(f"the demo runs {script}, which is not beside the minialign package ({REPO / script}); "
+                        f"run the demo from a clone of the repository (pip install -e . there)")
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
     log(f"\n=== {step}: {script} {' '.join(map(str, args))}")
     t0, cpu0 = time.time(), _children_cpu()
@@ -247,6 +260,22 @@ def run_script(script: str, args, step: str) -> float:
     seconds = time.time() - t0
     log(f"=== {step}: done in {seconds:.0f}s (cpu {_children_cpu() - cpu0:.0f}s)")
     return seconds
+
+
+OWN_OUTPUTS = "demo_outputs.json"  # the folders a demo run created under its root
+
+
+def clear_own_outputs(root: Path, folders) -> None:
+    """Make room for a fresh run: remove the output folders an earlier demo run created (listed
+    in root/demo_outputs.json), and refuse to touch a folder the demo did not create."""
+    record = root / OWN_OUTPUTS
+    ours = set(json.loads(record.read_text())) if record.is_file() else set()
+    for d in folders:
+        if d.exists() and str(d) not in ours:
+            raise UserError(f"{d} exists and was not written by the demo; move it away or choose another --root")
+    for d in folders:
+        shutil.rmtree(d, ignore_errors=True)
+    record.write_text(json.dumps(sorted(str(d) for d in folders), indent=1))
 
 
 def judge_generations(generations_path) -> dict:
@@ -311,8 +340,7 @@ def run_demo(root="runs/demo", fast: bool = False, force: bool = False) -> dict:
     paths = demo_paths(None, root, base=settings.base, force=force, log=log)
     data = ("--model", paths.base_model, "--data", paths.train_data, "--eval_data", paths.eval_data)
     rm_dir, dpo_dir, eval_dir = root / "rm", root / "dpo", root / "eval"
-    for d in (rm_dir, dpo_dir, eval_dir):
-        shutil.rmtree(d, ignore_errors=True)  # no stale files from an earlier run
+    clear_own_outputs(root, (rm_dir, dpo_dir, eval_dir))
     stage_seconds = {
         "world": time.time() - t0,
         "train_rm": run_script("train_rm.py", data + ("--output", rm_dir) + settings.rm, "2/6 reward model"),
@@ -377,7 +405,7 @@ def print_summary(summary: dict, root: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the whole minialign demo: demo world, reward model, DPO, "
+    p = ArgumentParser(description="Run the whole minialign demo: demo world, reward model, DPO, "
                                             "evaluation, rule-based judge.")
     p.add_argument("--root", default="runs/demo", help="where the demo world and all results go")
     p.add_argument("--fast", action="store_true", help="a reduced run (fewer steps and prompts), for tests")
@@ -387,4 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,31 +8,38 @@ chosen and rejected rows stacked as one [2B, T] batch, so the model runs once pe
 (one set of kernel launches, and the same padding for both halves).
 
 The reference never changes, so its log-probs can be computed once before training
-(`precompute_reference_logps`) and cached on disk, keyed by everything they depend on.
+(`reference_table`), cached on disk keyed by everything they depend on, and looked up per
+pair during training (`precomputed_reference`) instead of running the reference model
+(`live_reference`).
 
-Shape legend: B pairs, T padded length, C hidden size.
+Shape legend: B pairs, T padded length, C hidden size, N pairs of a split.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .distributed import all_reduce_sums, barrier, print0
+from .checkpoint import save_tensors
+from .collate import collate_pairs, to_device
+from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
 from .logprobs import sequence_logprobs_from_hidden
 from .losses import dpo_loss, simpo_loss
+from .objective import Objective, mean_metrics, preference_sums
+from .precision import autocast_context
 from .sampler import eval_shard
-from .train import Objective, autocast_context, make_batch, move
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 # With gradient checkpointing on, the vocabulary projection too is done this many positions at
 # a time and recomputed in backward. Otherwise its (N, V) logits would outweigh the checkpointed
 # layers: 1024 scored positions x V = 152k in fp32 are 622 MB per copy, and backward holds ~3.
 CHECKPOINT_LOGITS_CHUNK = 256
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often during the reference precomputation
 
 
 def concatenated_logps(model, batch):
@@ -45,55 +52,72 @@ def concatenated_logps(model, batch):
     return sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"], chunk_size=chunk)
 
 
-def dpo_objective(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None,
-                  ref_model=None) -> Objective:
-    """The Objective train() optimises. Reference log-probs come from batch["ref_logps"]
-    (precomputed, [B, 2] chosen/rejected) or else from a live forward of `ref_model`."""
+def live_reference(ref_model):
+    """The reference as a function of the batch: a forward of the frozen model, no graph."""
+    def reference(batch):
+        with torch.no_grad():
+            return concatenated_logps(ref_model, batch)[0].chunk(2)  # (B,) chosen, (B,) rejected
+    return reference
+
+
+def precomputed_reference(tables: dict[str, torch.Tensor]):
+    """The reference as a lookup: tables[split] is (N, 2) [chosen, rejected] log-probs of that
+    split's pairs; a batch names its split and its pairs' indices (train.make_batch)."""
+    def reference(batch):
+        rows = tables[batch["split"]].to(batch["pair_index"].device)[batch["pair_index"]]  # (B, 2)
+        return rows.unbind(-1)
+    return reference
+
+
+def dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                  simpo_gamma: float = 0.5, rpo_alpha: float | None = None, reference=None) -> Objective:
+    """The Objective train() optimises. `reference(batch) -> (ref_chosen, ref_rejected)` is
+    live_reference or precomputed_reference; SimPO needs none."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if loss_type != "simpo" and reference is None:
+        raise ValueError(f"loss_type {loss_type!r} needs a reference (live_reference or precomputed_reference)")
 
-    def compute(model, batch):
+    def loss(model, batch):
         logps_sum, logps_mean = concatenated_logps(model, batch)  # (2B,) each
-        chosen, rejected = logps_sum.chunk(2)
+        chosen, rejected = logps_sum.chunk(2)  # (B,) each
         chosen_mean, rejected_mean = logps_mean.chunk(2)
         if loss_type == "simpo":  # reference-free, on per-token averages (Meng et al. 2024 eq. 6)
             losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_mean, rejected_mean, beta, simpo_gamma)
         else:
-            if "ref_logps" in batch:
-                ref_chosen, ref_rejected = batch["ref_logps"].unbind(-1)  # (B,) each
-            else:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = concatenated_logps(ref_model, batch)[0].chunk(2)
+            ref_chosen, ref_rejected = reference(batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
                 label_smoothing=label_smoothing)
+        sums = {**preference_sums(chosen_rewards, rejected_rewards),
+                "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
+                "logps/chosen_per_token": chosen_mean.detach().sum(),
+                "logps/rejected_per_token": rejected_mean.detach().sum()}
         if rpo_alpha:
             # RPO (Pang et al. 2024, eq. 3): add the per-token NLL of the chosen answer, so the
             # policy keeps (or gains) likelihood on what people preferred, not only the margin.
-            losses = losses + rpo_alpha * (-chosen_mean)
-        margins = chosen_rewards - rejected_rewards
-        sums = {
-            "pairs": chosen.shape[0],
-            "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
-            "rewards/margins": margins.sum(),
-            "rewards/accuracies": (margins > 0).sum(), "rewards/ties": (margins == 0).sum(),
-            "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
-            "logps/chosen_per_token": chosen_mean.detach().sum(),
-            "logps/rejected_per_token": rejected_mean.detach().sum(),
-        }
-        return losses.sum(), sums
+            nll = -chosen_mean  # (B,)
+            sums.update({"loss/preference": losses.detach().sum(), "loss/nll": nll.detach().sum()})
+            losses = losses + rpo_alpha * nll
+        return losses, sums
 
-    def summarize(s):
-        n = max(s["pairs"], 1)
-        return {k: v / n for k, v in s.items() if k not in ("pairs", "tokens")}
+    return Objective(loss, summarize_dpo, headline=("loss", "rewards/accuracies", "rewards/margins"))
 
-    return Objective(compute, summarize, headline=("loss", "rewards/accuracies", "rewards/margins"))
 
+def summarize_dpo(s: dict) -> dict[str, float]:
+    """Logged means, named as TRL names them, of the DPO objective's metric sums."""
+    m = mean_metrics(s)
+    out = {"loss": m.pop("loss"), "rewards/chosen": m.pop("chosen_reward"), "rewards/rejected": m.pop("rejected_reward"),
+           "rewards/margins": m.pop("margin"), "rewards/accuracies": m.pop("correct"), "rewards/ties": m.pop("ties")}
+    return {**out, **{k: v for k, v in m.items() if "/" in k}}
+
+
+# ------------------------------------------------------------------------ precomputed reference
 
 def reference_cache_key(items, ref_dir, tokenizer, settings: dict) -> str:
     """sha256 over everything the reference log-probs depend on: the token ids of every pair
     (which already reflect data, chat template and truncation), the reference weights' bytes,
-    the template and the truncation settings."""
+    the template and the precision."""
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids]).encode())
@@ -106,56 +130,58 @@ def reference_cache_key(items, ref_dir, tokenizer, settings: dict) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(ref_model, items, batch_size, env, dtype="fp32", pad_id=0) -> torch.Tensor:
-    """(N, 2) summed log-probs [chosen, rejected] of every pair under the reference.
+def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dtype: str, pad_id: int,
+                            name: str = "pairs") -> torch.Tensor:
+    """(N, 2) summed log-probs [chosen, rejected] of every pair under the reference, on the CPU.
 
-    Each rank scores a disjoint shard into a zero table; an all-reduce SUM of the tables then
-    gives every rank the complete one, identical whatever the number of ranks."""
+    Each rank scores a disjoint shard of rows into a zero table; an all-reduce SUM of the tables
+    then gives every rank the complete one (the rows are disjoint, so the sum is their union),
+    identical whatever the number of ranks. Prints progress with an ETA."""
     table = torch.zeros(len(items), 2, dtype=torch.float64, device=env.device)
     mine = eval_shard(len(items), env.rank, env.world_size)
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start : start + batch_size]
-        batch = move(make_batch(items, idx, pad_id), env.device)
-        with autocast_context(dtype, env.device):
+    precision = autocast_context(dtype, env.device)
+    start, last_print = time.time(), time.time()
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i:i + batch_size]
+        batch = to_device(collate_pairs([items[j] for j in idx], pad_id), env.device)
+        with precision:
             logps = concatenated_logps(ref_model, batch)[0]  # (2B,)
         table[idx] = torch.stack(logps.double().chunk(2), dim=-1)
+        done = min(i + batch_size, len(mine))
+        if time.time() - last_print > PROGRESS_EVERY_S and done < len(mine):
+            elapsed = time.time() - start
+            print0(env, f"reference log-probs for {name}: {done}/{len(mine)} pairs (rank 0), "
+                        f"{elapsed:.0f}s elapsed, ETA {elapsed / done * (len(mine) - done):.0f}s")
+            last_print = time.time()
     if env.world_size > 1:
         torch.distributed.all_reduce(table)
     return table.float().cpu()
 
 
-def precompute_reference_logps(ref_model, ref_dir, tokenizer, splits: dict, args, env, pad_id, cache_dir):
-    """Attach `ref_logps` to every tokenized pair of each split, from the cache when the key matches.
+def reference_table(ref_model, ref_dir, tokenizer, items, name: str, batch_size: int, dtype: str, settings: dict,
+                    cache_dir, env: DistEnv) -> torch.Tensor | None:
+    """The (N, 2) reference log-probs of one split, read from the cache when its key matches,
+    else computed (compute_reference_logps) and cached. Rank 0 reads the cache and broadcasts
+    it, so ranks need no shared file system. None for an empty split."""
+    if not items:
+        return None
+    key = reference_cache_key(items, ref_dir, tokenizer, {**settings, "dtype": dtype})
+    path = Path(cache_dir) / f"ref_logps-{name}-{key}.safetensors"
+    cached = load_file(str(path))["ref_logps"] if env.is_main and path.is_file() else None
+    if broadcast_object(cached is not None, env):
+        table = broadcast_tensors({"t": cached} if env.is_main else None, env)["t"].cpu()
+        print0(env, f"reference log-probs for {name}: reused {path}")
+        return table
+    table = compute_reference_logps(ref_model, items, batch_size, env, dtype, tokenizer.pad_token_id, name)
+    if env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_tensors({"ref_logps": table.contiguous()}, tmp)
+        os.replace(tmp, path)
+    barrier(env)
+    print0(env, f"reference log-probs for {name}: computed {len(items)} pairs, cached in {path}")
+    return table
 
-    Rank 0 decides whether the cache file exists and broadcasts it through the same all-reduce,
-    so ranks need no shared file system."""
-    settings = {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                "truncation": args.truncation, "dtype": args.dtype}
-    for name, items in splits.items():
-        if not items:
-            continue
-        key = reference_cache_key(items, ref_dir, tokenizer, settings)
-        path = Path(cache_dir) / f"ref_logps-{name}-{key}.safetensors"
-        have = all_reduce_sums({"cached": float(env.is_main and path.is_file())}, env)["cached"] > 0
-        if have:
-            table = torch.zeros(len(items), 2)
-            if env.is_main:
-                table = load_file(str(path))["ref_logps"]
-            if env.world_size > 1:
-                table = table.to(env.device)
-                torch.distributed.all_reduce(table)
-                table = table.cpu()
-            print0(env, f"reference log-probs for {name}: reused {path}")
-        else:
-            table = compute_reference_logps(ref_model, items, args.eval_batch_size or args.batch_size,
-                                            env, args.dtype, pad_id)
-            if env.is_main:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"ref_logps": table.contiguous()}, str(tmp))
-                os.replace(tmp, path)
-            print0(env, f"reference log-probs for {name}: computed {len(items)} pairs, cached in {path}")
-        barrier(env)
-        for it, row in zip(items, table):
-            it.ref_logps = (float(row[0]), float(row[1]))
 
+__all__ = ["LOSS_TYPES", "concatenated_logps", "live_reference", "precomputed_reference", "dpo_objective",
+           "summarize_dpo", "reference_table", "compute_reference_logps", "reference_cache_key"]

@@ -1,10 +1,14 @@
 """Preference losses as pure functions of rewards or sequence log-probabilities.
 
 Every loss here is a function of a scalar per pair that says how much more the model
-prefers the chosen response than the rejected one. Each returns the per-pair losses
-[B] (the caller takes the mean, which keeps data-parallel averaging explicit) and the
-detached quantities worth logging. Inputs are cast to float32: these are differences of
-large, nearly equal numbers (sequence log-probs of -500 and -501), which bf16 cannot hold.
+prefers the chosen response than the rejected one. Each returns the per-pair losses [B]
+(the caller takes the mean, which keeps data-parallel averaging explicit) and the detached
+rewards of both answers, (losses, chosen_rewards, rejected_rewards); what to log from
+them is objective.preference_sums.
+
+Precision: these are differences of large, nearly equal numbers (sequence log-probs of -500
+and -501), which bf16 cannot hold, so bf16 and fp16 inputs are computed in float32; float32
+and float64 inputs keep their precision (a float64 unit test gets the float64 formula).
 
   Bradley-Terry reward model   -log sigmoid(r_c - r_r - m)
   DPO (sigmoid)                -log sigmoid(beta * z),  z = (pi_c - ref_c) - (pi_r - ref_r)
@@ -26,17 +30,9 @@ import torch.nn.functional as F
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fraction of pairs ranked correctly, and fraction tied.
-
-    A pair counts as correct only when chosen > rejected strictly, so a model that gives
-    every response the same reward scores 0 accuracy (and 1 ties), not 1 or 0.5.
-    Returns two detached float32 scalars (0-dim tensors, ready for an all-reduce).
-    """
-    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
-    accuracy = (chosen > rejected).float().mean()
-    ties = (chosen == rejected).float().mean()
-    return accuracy, ties
+def _precise(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: bf16/fp16 are promoted, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def bradley_terry_loss(
@@ -44,7 +40,7 @@ def bradley_terry_loss(
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | float | None = None,
     center_rewards_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reward-model loss: negative log-likelihood of the human choice under Bradley-Terry.
 
     Bradley & Terry 1952; Ouyang et al. 2022 eq. 1:  P(c > r) = sigmoid(r_c - r_r),
@@ -62,29 +58,18 @@ def bradley_terry_loss(
         margin: None, a float, or [B] per-pair margins.
         center_rewards_coef: weight of the centering penalty (0 disables it).
     Returns:
-        losses [B] float32, and a dict of detached float32 scalars: accuracy (strict
-        chosen > rejected), ties, margin (mean r_c - r_r), chosen_reward, rejected_reward.
+        losses [B] (float32, or float64 for float64 inputs), and the two rewards, detached.
     """
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(f"chosen and rejected rewards differ in shape: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}")
-    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()    # (B,) each
+    chosen, rejected = _precise(chosen_rewards), _precise(rejected_rewards)  # (B,) each
     difference = chosen - rejected                                         # (B,)
     if margin is not None:
-        margin = torch.as_tensor(margin, dtype=torch.float32, device=difference.device)
-        difference = difference - margin
+        difference = difference - torch.as_tensor(margin, dtype=difference.dtype, device=difference.device)
     losses = -F.logsigmoid(difference)                                     # Ouyang et al. 2022 eq. 1
     if center_rewards_coef != 0.0:
         losses = losses + center_rewards_coef * (chosen + rejected) ** 2   # per-pair centering penalty
-
-    accuracy, ties = preference_accuracy(chosen, rejected)
-    metrics = {
-        "accuracy": accuracy,
-        "ties": ties,
-        "margin": (chosen - rejected).detach().mean(),
-        "chosen_reward": chosen.detach().mean(),
-        "rejected_reward": rejected.detach().mean(),
-    }
-    return losses, metrics
+    return losses, chosen.detach(), rejected.detach()
 
 
 def dpo_loss(
@@ -119,8 +104,9 @@ def dpo_loss(
         loss_type: one of DPO_LOSS_TYPES.
         label_smoothing: assumed label-noise rate ls (sigmoid and robust only).
     Returns:
-        losses [B] float32, chosen_rewards [B], rejected_rewards [B] where
-        reward = beta * (log pi - log ref) (the implicit reward, eq. 5), detached.
+        losses [B] (float32, or float64 for float64 inputs), chosen_rewards [B],
+        rejected_rewards [B] where reward = beta * (log pi - log ref) (the implicit reward,
+        eq. 5), detached.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
@@ -133,8 +119,8 @@ def dpo_loss(
     if loss_type in ("ipo", "hinge") and label_smoothing != 0.0:
         raise ValueError(f"label_smoothing is not defined for loss_type {loss_type!r}; got {label_smoothing}, use 0")
 
-    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()        # (B,) log pi/ref, chosen
-    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()  # (B,) log pi/ref, rejected
+    chosen_logratios = _precise(policy_chosen_logps) - _precise(ref_chosen_logps)        # (B,) log pi/ref, chosen
+    rejected_logratios = _precise(policy_rejected_logps) - _precise(ref_rejected_logps)  # (B,) log pi/ref, rejected
     z = chosen_logratios - rejected_logratios                                        # (B,)
     ls = label_smoothing
 
@@ -172,12 +158,12 @@ def simpo_loss(
         beta: reward scale (> 0; the paper uses about 2 to 10).
         gamma: target reward margin, in the units of beta * avg (0 gives no margin).
     Returns:
-        losses [B] float32, chosen_rewards = beta * avg_c [B], rejected_rewards = beta * avg_r [B]
-        (rewards detached; Meng et al. 2024 eq. 4).
+        losses [B] (float32, or float64 for float64 inputs), chosen_rewards = beta * avg_c [B],
+        rejected_rewards = beta * avg_r [B] (rewards detached; Meng et al. 2024 eq. 4).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    chosen_rewards = beta * policy_chosen_logps.float()                 # (B,) eq. 4
-    rejected_rewards = beta * policy_rejected_logps.float()             # (B,)
+    chosen_rewards = beta * _precise(policy_chosen_logps)               # (B,) eq. 4
+    rejected_rewards = beta * _precise(policy_rejected_logps)           # (B,)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)   # Meng et al. 2024 eq. 6
     return losses, chosen_rewards.detach(), rejected_rewards.detach()

@@ -1,34 +1,37 @@
 """Training checkpoints: everything needed to continue a run as if it had never stopped.
 
 A checkpoint folder `checkpoints/step-000040/` holds the model in Hugging Face layout (so any
-checkpoint can be evaluated directly), `optimizer.safetensors` (AdamW moments, no pickle) and
-`trainer_state.json` (step, RNG state, run arguments). It is written with the same atomic
-rename as save_model, and only then does the one-line file `checkpoints/latest` move to it:
-a crash at any moment leaves the previous checkpoint complete and pointed to.
+checkpoint can be evaluated directly), `optimizer.safetensors` (AdamW's state, no pickle) and
+`trainer_state.json` (step, run id, the settings that must not change, RNG state). It is
+written with the same atomic rename as save_model, and only then does the pointer
+`checkpoints/latest` move to it (run_folder.py): a crash at any moment leaves the previous
+checkpoint complete and pointed to.
 
 The data order is a function of (seed, epoch) and the learning rate a function of the step,
 so the step number is all the loop needs to rebuild its position.
+
+Resuming, rank 0 alone reads: it takes the newest checkpoint that reads completely (falling
+back to an older one, saying so, when the newest is damaged), checks that the settings which
+must not change did not, and sends the step, the weights and the optimizer state to every
+rank. Ranks whose disks do not hold the checkpoint (several machines without a shared file
+system) thus resume from the same step as rank 0, never silently from scratch.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
-from .checkpoint import atomic_directory, write_model_files
+from .checkpoint import atomic_directory, read_state_dict, save_tensors, write_model_files
+from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
+from .errors import UserError
+from .run_folder import RunFolder
 
-LATEST = "latest"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-
-
-def checkpoint_dir(output, step: int) -> Path:
-    return Path(output) / "checkpoints" / f"step-{step:06d}"
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
@@ -36,73 +39,153 @@ def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}.{key}"] = value.detach().cpu().contiguous().clone() if torch.is_tensor(value) else torch.tensor(value)
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
     return out
 
 
-def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor]):
-    by_param: dict[str, dict] = {}  # '<name>.exp_avg' -> by_param[name]['exp_avg']
-    for key, value in tensors.items():
-        name, field = key.rsplit(".", 1)
-        by_param.setdefault(name, {})[field] = value
-    for name, p in model.named_parameters():
-        state = by_param.get(name)
-        if state:
-            # moments live with the parameter; AdamW keeps `step` as a CPU scalar tensor
-            optimizer.state[p] = {k: (v if k == "step" else v.to(p.device, p.dtype)) for k, v in state.items()}
+def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor], source) -> None:
+    """Restore AdamW's state through torch's own Optimizer.load_state_dict, which puts every
+    tensor where the optimizer needs it (moments on the parameter's device and dtype; `step` on
+    the parameter's device for the fused and capturable kernels, on the CPU otherwise)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    state = {}
+    for i, p in enumerate(order):
+        name = names[id(p)]
+        missing = [k for k in ADAMW_STATE if f"{name}.{k}" not in tensors]
+        if missing:
+            raise UserError(f"{source}: no optimizer state '{name}.{missing[0]}' (the file is incomplete or from "
+                            "another model); resume from an earlier checkpoint or start over with --overwrite")
+        fields = {k: tensors[f"{name}.{k}"] for k in ADAMW_STATE}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if fields[k].shape != p.shape:
+                raise UserError(f"{source}: optimizer state '{name}.{k}' has shape {tuple(fields[k].shape)}, "
+                                f"the parameter {tuple(p.shape)}")
+        state[i] = fields
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def save_training_checkpoint(output, step: int, model, optimizer, tokenizer, state: dict, keep: int | None = 2):
-    """Write checkpoint `step`, point `latest` at it, then delete all but the newest `keep`."""
-    folder = checkpoint_dir(output, step)
-    with atomic_directory(folder) as tmp:
-        write_model_files(model, tmp, tokenizer)
-        save_file(optimizer_tensors(model, optimizer), str(tmp / OPTIMIZER_FILE))
-        rng = {"torch": torch.get_rng_state().tolist()}
-        if torch.cuda.is_available():
-            rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({**state, "step": step, "rng": rng}, f)
-    latest = Path(output) / "checkpoints" / LATEST
-    tmp_latest = latest.with_suffix(".tmp")
-    tmp_latest.write_text(folder.name)
-    os.replace(tmp_latest, latest)  # atomic: readers see the old or the new pointer, never half
-    if keep:
-        steps = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith("step-"))
-        for old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG: the CPU generator, and the current GPU's (not every visible GPU's)."""
+    rng = {"torch": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return rng
 
 
-def latest_checkpoint(output) -> Path | None:
-    latest = Path(output) / "checkpoints" / LATEST
-    if not latest.is_file():
+def restore_rng(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in rng:
+        cuda = rng["cuda"]
+        if cuda and isinstance(cuda[0], list):  # older checkpoints saved one state per visible GPU
+            cuda = cuda[0]
+        torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
+
+
+def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokenizer, settings: dict, keep: int,
+                             env: DistEnv) -> None:
+    """Write checkpoint `step` (rank 0), point `latest` at it and prune this run's older ones; all
+    ranks wait until it is on disk."""
+    if env.is_main:
+        name = f"step-{step:06d}"
+        with atomic_directory(run.checkpoints / name) as tmp:
+            write_model_files(model, tmp, tokenizer)
+            save_tensors(optimizer_tensors(model, optimizer), tmp / OPTIMIZER_FILE)
+            state = {"step": step, "run_id": run.run_id, "settings": settings, "rng": rng_state(env.device)}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        run.add_checkpoint(name, keep)
+    barrier(env)
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(state, weights, optimizer tensors) of one checkpoint folder; a UserError naming the file
+    when any part is missing or damaged."""
+    state_file = folder / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except FileNotFoundError:
+        raise UserError(f"{state_file} is missing") from None
+    except ValueError as e:
+        raise UserError(f"{state_file} is damaged ({e})") from None
+    try:
+        weights = read_state_dict(folder)
+    except UserError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"the weights in {folder} are missing or damaged ({e})") from None
+    try:
+        with safe_open(str(folder / OPTIMIZER_FILE), framework="pt") as f:
+            optim = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"{folder / OPTIMIZER_FILE} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{folder / OPTIMIZER_FILE} is damaged ({e})") from None
+    return state, weights, optim
+
+
+def settings_differences(saved: dict, now: dict) -> list[str]:
+    """The settings that must not change between a run and its resumption, and did."""
+    return [f"{k}: {saved[k]!r} then, {now[k]!r} now" for k in sorted(now) if k in saved and saved[k] != now[k]]
+
+
+def _read_for_resume(run: RunFolder, settings: dict, anyway: bool):
+    """Rank 0: the newest checkpoint of the run that reads completely, or a refusal message."""
+    for folder in run.checkpoint_candidates():
+        try:
+            state, weights, optim = read_checkpoint(folder)
+        except UserError as e:
+            print(f"warning: cannot resume from {folder}: {e}; trying the previous checkpoint", flush=True)
+            continue
+        diffs = settings_differences(state.get("settings", {}), settings)
+        if diffs and not anyway:
+            return None, (f"{folder} was written with other settings, which a resumed run must keep: "
+                          f"{'; '.join(diffs)}. Use the same flags, start a new run (--overwrite or another "
+                          f"--output), or pass --resume_anyway to continue regardless")
+        if diffs:
+            print(f"warning: resuming despite changed settings ({'; '.join(diffs)})", flush=True)
+        return (folder, state, weights, optim), None
+    if run.checkpoint_candidates():
+        return None, f"no checkpoint of {run.path} could be read (see the warnings above)"
+    return None, None
+
+
+def load_training_checkpoint(run: RunFolder, model, optimizer, settings: dict, anyway: bool, env: DistEnv) -> int | None:
+    """Restore the newest good checkpoint into model and optimizer on every rank; its step, or
+    None when the run has no checkpoint yet. See the module docstring."""
+    found, refusal = _read_for_resume(run, settings, anyway) if env.is_main else (None, None)
+    refusal = broadcast_object(refusal, env)
+    if refusal:
+        raise UserError(refusal)
+    folder, state, weights, optim = found or (None, None, None, None)
+    header = broadcast_object(None if found is None else (str(folder), state), env)
+    if header is None:
         return None
-    folder = latest.parent / latest.read_text().strip()
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{latest} points to {folder}, which has no {STATE_FILE}")
-    return folder
+    folder, state = header
+    weights = broadcast_tensors(weights, env)
+    optim = broadcast_tensors(optim, env)
+    load_weights(model, weights, folder)
+    load_optimizer_tensors(model, optimizer, optim, Path(folder) / OPTIMIZER_FILE)
+    restore_rng(state["rng"], env.device)
+    print0(env, f"resuming from {folder}")
+    return state["step"]
 
 
-def load_training_checkpoint(folder, model, optimizer) -> dict:
-    """Restore weights (in place, keeping dtype and device), optimizer moments and RNG; return the state."""
-    from .checkpoint import read_state_dict
-
-    folder = Path(folder)
-    weights = read_state_dict(folder)
+@torch.no_grad()
+def load_weights(model, weights: dict[str, torch.Tensor], source) -> None:
+    """Copy checkpoint tensors into the model in place; names, shapes and dtypes must match."""
     own = model.state_dict()
-    missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and tied)]
     if missing:
-        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
-    with torch.no_grad():
-        for k, v in own.items():
-            if k in weights:
-                v.copy_(weights[k])
-    with safe_open(str(folder / OPTIMIZER_FILE), framework="pt") as f:
-        load_optimizer_tensors(model, optimizer, {k: f.get_tensor(k) for k in f.keys()})
-    with open(folder / STATE_FILE) as f:
-        state = json.load(f)
-    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])
-    return state
+        raise UserError(f"{source}: the checkpoint lacks {', '.join(missing[:5])} (written by another model?)")
+    for k, v in own.items():
+        if k not in weights:
+            continue
+        w = weights[k]
+        if w.shape != v.shape or w.dtype != v.dtype:
+            raise UserError(f"{source}: tensor '{k}' is {tuple(w.shape)} {w.dtype}, the model's is "
+                            f"{tuple(v.shape)} {v.dtype}")
+        v.copy_(w)

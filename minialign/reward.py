@@ -12,39 +12,31 @@ import torch
 
 from .collate import through_last_end_of_turn
 from .losses import bradley_terry_loss
-from .train import Objective
+from .objective import Objective, preference_sums
 
 
 def reward_objective(center_rewards_coef: float = 0.0, margin: float | None = None) -> Objective:
-    """The Objective that train() optimises for a reward model."""
+    """The Bradley-Terry objective: rewards of the [2B, T] batch's rows, chosen rows first."""
 
-    def compute(model, batch):
-        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,) chosen rows first
+    def loss(model, batch):
+        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,), read at each row's last token
         chosen, rejected = rewards.chunk(2)  # (B,) each
-        losses, _ = bradley_terry_loss(chosen, rejected, margin=margin, center_rewards_coef=center_rewards_coef)
-        r = rewards.detach()
-        sums = {
-            "pairs": chosen.shape[0],
-            "correct": (chosen > rejected).sum(),  # strict: a tie is not correct
-            "ties": (chosen == rejected).sum(),
-            "margin": (chosen - rejected).detach().sum(),
-            "chosen_reward": chosen.detach().sum(),
-            "rejected_reward": rejected.detach().sum(),
-            "reward_sum": r.sum(),
-            "reward_sq": r.pow(2).sum(),
-        }
-        return losses.sum(), sums
+        losses, chosen, rejected = bradley_terry_loss(chosen, rejected, margin=margin,
+                                                      center_rewards_coef=center_rewards_coef)
+        return losses, preference_sums(chosen, rejected)
 
-    def summarize(s):
-        n = max(s["pairs"], 1)
-        mean = s["reward_sum"] / (2 * n)
-        return {
-            "loss": s["loss"] / n, "accuracy": s["correct"] / n, "ties": s["ties"] / n, "margin": s["margin"] / n,
-            "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n,
-            "reward_mean": mean, "reward_std": math.sqrt(max(s["reward_sq"] / (2 * n) - mean**2, 0.0)),
-        }
+    return Objective(loss, summarize_rewards, headline=("loss", "accuracy", "margin"))
 
-    return Objective(compute, summarize, headline=("loss", "accuracy", "margin"))
+
+def summarize_rewards(s: dict) -> dict[str, float]:
+    """Logged means of the reward model's metric sums (objective.preference_sums)."""
+    n = max(s["pairs"], 1)
+    mean = (s["chosen_reward"] + s["rejected_reward"]) / (2 * n)
+    return {
+        "loss": s["loss"] / n, "accuracy": s["correct"] / n, "ties": s["ties"] / n, "margin": s["margin"] / n,
+        "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n,
+        "reward_mean": mean, "reward_std": math.sqrt(max(s["reward_sq"] / (2 * n) - mean**2, 0.0)),
+    }
 
 
 def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None) -> list[int]:

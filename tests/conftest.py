@@ -1,7 +1,14 @@
 """Shared pytest fixtures, one per idea; each says what it builds and how long it takes."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from minialign.tokenizer import train_bpe_tokenizer
+
+# The scripts (train_rm.py, train_dpo.py, evaluate.py) live at the repository root; tests import
+# their parse_args and main directly, whatever directory pytest was started from.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # A few lines of chat-like English; enough for BPE to learn word pieces, small enough to train in
 # well under a second. Bytes missing here (emoji, accents) still encode: the alphabet is all 256 bytes.

@@ -43,7 +43,7 @@ def test_tokenize_pair_splits_prompt_and_answers(tok):
     assert tp.prompt_ids == tok.encode("<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n")
     assert tp.chosen_ids == tok.encode("Paris.") + [IM_END_TINY]
     assert tp.rejected_ids == tok.encode("I am fine") + [IM_END_TINY]
-    assert tp.line == 7 and not tp.prompt_truncated and not tp.response_truncated
+    assert tp.line == 7 and not tp.prompt_truncated and not tp.prompt_mostly_cut
     assert tp.length == len(tp.prompt_ids) + len(tp.rejected_ids)
 
 
@@ -113,29 +113,42 @@ def test_over_length_drop_is_counted(tok):
     full = tokenize_pair(tok, pair())
     assert tokenize_pair(tok, pair(), max_length=full.length).length == full.length  # exactly fits: kept
     with pytest.raises(PairSkipped, match="line 7: over_length"):
-        tokenize_pair(tok, pair(), max_length=full.length - 1)
+        tokenize_pair(tok, pair(), max_length=full.length - 1, truncation="drop")
     report = LoadReport(path="pairs.jsonl", format="test", read=2, kept=2)
     short = pair("a", "b", line=8)  # one byte token + <|im_end|> each: shorter than "I am fine"
-    kept, stats = tokenize_pairs(tok, [pair(), short], max_length=full.length - 1, report=report)
+    kept, stats = tokenize_pairs(tok, [pair(), short], max_length=full.length - 1, report=report, truncation="drop")
     assert [p.line for p in kept] == [8] and stats.dropped == {"over_length": 1}
     assert report.kept == 1 and report.skipped == {"over_length": 1} and report.examples[0][:2] == (7, "over_length")
     assert "over_length 1" in stats.summary()
 
 
-def test_keep_end_cuts_answers_and_counts_them(tok):
-    """The longer answer (rejected) is cut to max_length - prompt and loses its <|im_end|>; the
-    shorter one fits and keeps it."""
+def test_keep_end_cuts_the_prompts_start_never_an_answer(tok):
+    """Over max_length by 2 tokens, the prompt loses its first 2 tokens; both answers stay whole
+    and keep their <|im_end|>, where a reward is read and where DPO learns to stop."""
     full = tokenize_pair(tok, pair())
     max_length = full.length - 2
-    room = max_length - len(full.prompt_ids)
     kept, stats = tokenize_pairs(tok, [pair()], max_length=max_length, truncation="keep_end")
     tp = kept[0]
-    assert tp.rejected_ids == full.rejected_ids[:room] and tp.rejected_ids[-1] != IM_END_TINY
-    assert tp.chosen_ids == full.chosen_ids[:room] and tp.length == max_length
-    assert tp.response_truncated and stats.response_truncated == 1 and stats.dropped == {}
-    # A prompt that leaves no room for any answer token is dropped even in keep_end mode.
-    _, stats = tokenize_pairs(tok, [pair()], max_length=len(full.prompt_ids), truncation="keep_end")
+    assert tp.prompt_ids == full.prompt_ids[2:] and tp.prompt_truncated and tp.length == max_length
+    assert tp.chosen_ids == full.chosen_ids and tp.rejected_ids == full.rejected_ids
+    assert tp.chosen_ids[-1] == IM_END_TINY and tp.rejected_ids[-1] == IM_END_TINY
+    assert stats.prompt_truncated == 1 and stats.dropped == {}
+    # The longer answer alone fills max_length: no room for a prompt token, so the pair is dropped.
+    longer = max(len(full.chosen_ids), len(full.rejected_ids))
+    _, stats = tokenize_pairs(tok, [pair()], max_length=longer, truncation="keep_end")
     assert stats.kept == 0 and stats.dropped == {"over_length": 1}
+
+
+def test_most_prompts_mostly_cut_is_a_warning(tok):
+    """Keeping 1 prompt token of many is < 1/4 of the prompt: counted, and warned about when most
+    kept pairs are like that."""
+    full = tokenize_pair(tok, pair())
+    longer = max(len(full.chosen_ids), len(full.rejected_ids))
+    kept, stats = tokenize_pairs(tok, [pair()], max_length=longer + 1)
+    assert len(kept[0].prompt_ids) == 1 and kept[0].prompt_mostly_cut and stats.prompt_mostly_cut == 1
+    assert "warning: 1 of 1 pairs kept less than a quarter of their prompt" in stats.summary()
+    _, fine = tokenize_pairs(tok, [pair()], max_length=full.length)
+    assert fine.prompt_mostly_cut == 0 and "warning" not in fine.summary()
 
 
 def test_truncation_options_are_checked(tok):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minialign.distributed import (DistEnv, GradReducer, all_reduce_sums, barrier, broadcast_parameters,
+from minialign.distributed import (DistEnv, GradReducer, InstrumentedGradReducer, all_reduce_sums, barrier, broadcast_parameters,
                                    destroy_distributed, init_distributed, make_buckets, print0)
 from minialign.config import ModelConfig
 from minialign.model import CausalLM
@@ -95,6 +95,8 @@ def run_rank(out_dir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     if scenario in ("rank_raises", "rank_stuck"):
         return run_failing_rank(scenario)
+    if scenario == "nonfinite_one_rank":
+        return run_nonfinite_rank()
     env = init_distributed(timeout_s=60, device="cpu")
     res = {"env": (env.rank, env.world_size, env.local_rank, str(env.device), env.is_main)}
 
@@ -109,13 +111,13 @@ def run_rank(out_dir: str, scenario: str) -> None:
     # step 1 without accumulation, step 2 with ACCUM micro-steps, same reducer.
     lm = tiny_lm(seed=env.rank)  # differs per rank on purpose: broadcast must fix it
     broadcast_parameters(lm, env)
-    reducer = GradReducer(lm, env, bucket_mb=SMALL_BUCKET_MB)
+    reducer = InstrumentedGradReducer(lm, env, bucket_mb=SMALL_BUCKET_MB)
     res["n_buckets"] = len(reducer.buckets)
     lm_loss(lm, lm_batch(env.rank, 0)).backward()
     reducer.wait()
     res["step1"] = {"grads": grads_of(lm), "counts": dict(reducer.reduce_counts),
                     "in_backward": reducer.buckets_in_backward, "in_wait": reducer.buckets_in_wait}
-    lm.zero_grad(set_to_none=True)
+    reducer.zero_grad()  # not lm.zero_grad(): each .grad is a view into a bucket buffer
     launched_before_final = []
     for micro in range(ACCUM):
         reducer.set_sync(micro == ACCUM - 1)
@@ -127,7 +129,7 @@ def run_rank(out_dir: str, scenario: str) -> None:
 
     for scenario_name in ("unused", "unused_accum"):
         model = Branchy()
-        red = GradReducer(model, env, bucket_mb=ONE_PARAM_BUCKET_MB)
+        red = InstrumentedGradReducer(model, env, bucket_mb=ONE_PARAM_BUCKET_MB)
         n_micro = 2 if scenario_name == "unused_accum" else 1
         for micro in range(n_micro):
             red.set_sync(micro == n_micro - 1)
@@ -148,6 +150,40 @@ def run_failing_rank(scenario: str) -> None:
             time.sleep(40)  # far past rank 0's 5 s timeout; the test kills us first
         raise RuntimeError("rank 1 fails on purpose")
     all_reduce_sums({"x": 1.0}, env)  # must raise after at most the timeout, not hang
+
+
+def run_nonfinite_rank() -> None:
+    """train_step where only rank 1's loss is NaN (its gradients stay finite): both ranks must stop
+    with the same FloatingPointError, well before the 30 s collective timeout."""
+    from contextlib import nullcontext
+
+    from minialign.train import train_step
+
+    env = init_distributed(timeout_s=30, device="cpu")
+    lm = tiny_lm(seed=0)
+    reducer = GradReducer(lm, env)
+    optimizer = torch.optim.AdamW(lm.parameters())
+
+    def loss(model, batch):
+        ids = batch["input_ids"]
+        losses = torch.stack([lm_loss(model, ids[i:i + 1]) for i in range(ids.shape[0])])  # (3,)
+        if env.rank == 1:  # a NaN in the value only: the detached term carries no gradient
+            losses = losses + float("nan") * losses.detach()
+        return losses, {"pairs": ids.shape[0]}
+
+    class Objective:
+        pass
+
+    objective = Objective()
+    objective.loss = loss
+    batch = {"input_ids": lm_batch(env.rank, 0), "pair_index": torch.arange(3), "num_tokens": torch.tensor(27)}
+    start = time.monotonic()
+    try:
+        train_step(lm, objective, [batch], optimizer, reducer, 1e-3, 1.0, nullcontext(), env)
+    except FloatingPointError as e:
+        print(f"rank {env.rank} stopped: non-finite {e} after {time.monotonic() - start:.1f}s", flush=True)
+        raise SystemExit(3)
+    raise SystemExit(0)
 
 
 # ---------------------------------------------------------------- launching from the test process
@@ -293,6 +329,18 @@ def test_raising_rank_ends_the_job(tmp_path):
 
 
 @pytest.mark.distributed
+def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """The finite check is agreed in the collective that sums the metrics: rank 0, whose own loss
+    is finite, stops at the same step as rank 1 instead of waiting out the timeout."""
+    codes, outputs = finish(launch("nonfinite_one_rank", tmp_path), timeout=120)
+    assert codes == [3, 3], outputs
+    assert all("stopped: non-finite loss" in o for o in outputs)
+    # Each rank stopped by itself, not by the 30 s collective timeout (which raises another error).
+    waited = [float(o.split(" after ")[1].split("s")[0]) for o in outputs]
+    assert max(waited) < 20, waited
+
+
+@pytest.mark.distributed
 def test_stuck_rank_times_out(tmp_path):
     """Rank 1 sleeps 40 s without exiting: only the 5 s collective timeout can free rank 0."""
     start = time.monotonic()
@@ -319,19 +367,54 @@ def test_single_process_env(monkeypatch):
 def test_single_process_reducer_is_a_no_op():
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     lm = tiny_lm(seed=0)
-    reducer = GradReducer(lm, env)
+    reducer = InstrumentedGradReducer(lm, env)
     broadcast_parameters(lm, env)
     lm_loss(lm, lm_batch(0, 0)).backward()
     before = grads_of(lm)
     reducer.wait()
     assert_grads_close(grads_of(lm), before)
     assert reducer.reduce_counts == {} and not reducer.active
+    reducer.zero_grad()
+    assert all(p.grad is None for p in lm.parameters())
 
 
 def test_print0(capsys):
     print0(DistEnv(0, 2, 0, torch.device("cpu")), "hello", 3)
     print0(DistEnv(1, 2, 1, torch.device("cpu")), "not me")
     assert capsys.readouterr().out == "hello 3\n"
+
+
+def test_gradients_live_in_the_bucket_buffers(one_rank_group):
+    """Gradient as bucket view: every .grad is a view into its bucket's buffer, so backward writes
+    where the all-reduce reads, and the reducer holds no second copy of the gradients (the
+    buffers add only one flag per parameter)."""
+    lm = tiny_lm(seed=0)
+    reducer = GradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB)
+    lm_loss(lm, lm_batch(0, 0)).backward()
+    reducer.wait()
+    for b in reducer.buckets:
+        base = b.buffer.untyped_storage().data_ptr()
+        for p in b.params:
+            assert p.grad.untyped_storage().data_ptr() == base
+    n_params = sum(p.numel() for p in lm.parameters())
+    assert sum(b.buffer.numel() for b in reducer.buckets) == n_params + sum(len(b.params) for b in reducer.buckets)
+    want = reference_lm_grads_one(lm)
+    assert_grads_close(grads_of(lm), want)
+    reducer.zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in lm.parameters())
+    lm_loss(lm, lm_batch(0, 0)).backward()  # accumulates into the same views after zero_grad
+    reducer.wait()
+    assert_grads_close(grads_of(lm), want)
+
+
+def reference_lm_grads_one(lm) -> dict:
+    """The plain autograd gradient of lm_loss on batch (0, 0), from a copy of lm without a reducer."""
+    import copy
+    plain = copy.deepcopy(lm)
+    for p in plain.parameters():
+        p.grad = None
+    lm_loss(plain, lm_batch(0, 0)).backward()
+    return grads_of(plain)
 
 
 def test_buckets_reverse_order_dedupe_and_size():
@@ -359,7 +442,7 @@ def one_rank_group():
 def test_second_backward_after_launch_is_an_error(one_rank_group):
     """Two backward passes under set_sync(True) would change gradients already sent: refuse."""
     lm = tiny_lm(seed=0)
-    reducer = GradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB)
+    reducer = InstrumentedGradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB)
     lm_loss(lm, lm_batch(0, 0)).backward()
     with pytest.raises(RuntimeError, match="after its bucket was all-reduced"):
         lm_loss(lm, lm_batch(0, 1)).backward()
@@ -370,7 +453,7 @@ def test_hooks_fire_under_gradient_checkpointing(one_rank_group):
     lm = tiny_lm(seed=0)
     lm.train()
     lm.gradient_checkpointing = True
-    reducer = GradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB)
+    reducer = InstrumentedGradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB)
     lm_loss(lm, lm_batch(0, 0)).backward()
     assert reducer.buckets_in_backward == len(reducer.buckets)
     reducer.wait()
@@ -379,7 +462,7 @@ def test_hooks_fire_under_gradient_checkpointing(one_rank_group):
 
 def test_no_overlap_mode_launches_everything_in_wait(one_rank_group):
     lm = tiny_lm(seed=0)
-    reducer = GradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB, overlap=False, timing=True)
+    reducer = InstrumentedGradReducer(lm, one_rank_group, bucket_mb=SMALL_BUCKET_MB, overlap=False, timing=True)
     lm_loss(lm, lm_batch(0, 0)).backward()
     before = grads_of(lm)
     reducer.wait()

@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from minialign.losses import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, preference_accuracy, simpo_loss
+from minialign.losses import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, simpo_loss
+from minialign.objective import mean_metrics, preference_sums
 
 POLICY_CHOSEN = [-0.5, -10.0, -1.0]
 POLICY_REJECTED = [-0.1, -30.0, -21.0]
@@ -149,7 +150,7 @@ def test_dpo_finite_for_huge_logps(loss_type, sign):
 def test_simpo_and_bt_finite_for_huge_inputs():
     losses, _, _ = simpo_loss(torch.tensor([-5000.0]), torch.tensor([-1.0]), beta=2.5, gamma=1.0)
     assert losses.item() == pytest.approx(2.5 * 4999 + 1.0, rel=1e-6)
-    bt, _ = bradley_terry_loss(torch.tensor([-3000.0, 3000.0]), torch.tensor([3000.0, -3000.0]))
+    bt, _, _ = bradley_terry_loss(torch.tensor([-3000.0, 3000.0]), torch.tensor([3000.0, -3000.0]))
     assert torch.isfinite(bt).all() and bt[0].item() == pytest.approx(6000.0) and bt[1].item() == 0.0
 
 
@@ -185,14 +186,16 @@ def test_bradley_terry_hand_values_and_metrics():
     chosen_reward mean 1/3, rejected_reward mean 2/3."""
     chosen = torch.tensor([2.0, 0.0, -1.0])
     rejected = torch.tensor([1.0, 0.0, 1.0])
-    losses, metrics = bradley_terry_loss(chosen, rejected)
+    losses, c, r = bradley_terry_loss(chosen, rejected)
     close(losses, [0.3132617, 0.6931472, 2.1269280])
-    assert metrics["accuracy"].item() == pytest.approx(1 / 3)
-    assert metrics["ties"].item() == pytest.approx(1 / 3)
-    assert metrics["margin"].item() == pytest.approx(-1 / 3)
-    assert metrics["chosen_reward"].item() == pytest.approx(1 / 3)
-    assert metrics["rejected_reward"].item() == pytest.approx(2 / 3)
-    assert preference_accuracy(chosen, rejected)[0].item() == pytest.approx(1 / 3)
+    assert torch.equal(c, chosen) and torch.equal(r, rejected) and not c.requires_grad
+    sums = preference_sums(c, r)
+    assert sums["pairs"] == 3 and sums["correct"].item() == 1 and sums["ties"].item() == 1
+    metrics = mean_metrics({k: float(v) for k, v in sums.items()})
+    assert metrics["correct"] == pytest.approx(1 / 3) and metrics["ties"] == pytest.approx(1 / 3)
+    assert metrics["margin"] == pytest.approx(-1 / 3)
+    assert metrics["chosen_reward"] == pytest.approx(1 / 3)
+    assert metrics["rejected_reward"] == pytest.approx(2 / 3)
 
 
 def test_bradley_terry_margin_and_centering():
@@ -201,13 +204,13 @@ def test_bradley_terry_margin_and_centering():
     equals TRL's mean(BT) + coef * mean((r_c + r_r)^2)."""
     chosen = torch.tensor([2.0, 0.0, -1.0])
     rejected = torch.tensor([1.0, 0.0, 1.0])
-    losses, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([1.0, -1.0, 0.0]))
+    losses, _, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([1.0, -1.0, 0.0]))
     close(losses, [0.6931472, 0.3132617, 2.1269280])
-    centred, _ = bradley_terry_loss(chosen, rejected, center_rewards_coef=0.01)
+    centred, _, _ = bradley_terry_loss(chosen, rejected, center_rewards_coef=0.01)
     close(centred, [0.3132617 + 0.09, 0.6931472, 2.1269280])
     trl_mean = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + 0.01 * ((chosen + rejected) ** 2).mean()
     torch.testing.assert_close(centred.mean(), trl_mean)
-    scalar, _ = bradley_terry_loss(chosen, rejected, margin=1.0)
+    scalar, _, _ = bradley_terry_loss(chosen, rejected, margin=1.0)
     close(scalar, [0.6931472, 1.3132617, 3.0485874])   # softplus(-(d - 1)), d - 1 = [0, -1, -3]
 
 
@@ -217,8 +220,8 @@ def test_bradley_terry_antisymmetry_and_gradient():
     g = torch.Generator().manual_seed(0)
     chosen = (torch.randn(6, generator=g) * 3).requires_grad_(True)
     rejected = torch.randn(6, generator=g) * 3
-    forward, _ = bradley_terry_loss(chosen, rejected)
-    swapped, _ = bradley_terry_loss(rejected, chosen)
+    forward, _, _ = bradley_terry_loss(chosen, rejected)
+    swapped, _, _ = bradley_terry_loss(rejected, chosen)
     d = (chosen - rejected).detach()
     torch.testing.assert_close(swapped, forward.detach() + d)
     forward.sum().backward()
@@ -230,3 +233,22 @@ def test_bf16_inputs_give_fp32_losses():
     losses, chosen_rewards, _ = dpo_loss(c, r, r, c)
     assert losses.dtype == torch.float32 and chosen_rewards.dtype == torch.float32
     assert bradley_terry_loss(c, r)[0].dtype == torch.float32
+
+
+def test_float64_inputs_keep_float64_precision():
+    """Users unit-test the losses in float64: at sequence log-probs of -1e4 the result must be the
+    float64 formula to 1e-12 relative (a float32 detour loses ~1e-5). Hand values: z = (-1e4 + 0.3
+    - (-1e4)) - (-1e4 - 0.2 - (-1e4)) = 0.5, so sigmoid DPO at beta 0.1 is softplus(-0.05)."""
+    pc, pr = torch.tensor([-1e4 + 0.3], dtype=torch.float64), torch.tensor([-1e4 - 0.2], dtype=torch.float64)
+    ref = torch.tensor([-1e4], dtype=torch.float64)
+    losses, c, r = dpo_loss(pc, pr, ref, ref, beta=0.1)
+    z = (pc - ref) - (pr - ref)  # the formula, in float64, with the same rounding of the inputs
+    want = torch.nn.functional.softplus(-0.1 * z)
+    assert losses.dtype == torch.float64 and c.dtype == torch.float64
+    torch.testing.assert_close(losses, want, rtol=1e-12, atol=0)
+    assert abs(z.item() - 0.5) < 1e-11
+    bt, _, _ = bradley_terry_loss(pc, pr)
+    assert bt.dtype == torch.float64
+    torch.testing.assert_close(bt, torch.nn.functional.softplus(-(pc - pr)), rtol=1e-12, atol=0)
+    s, _, _ = simpo_loss(pc, pr, beta=2.0, gamma=0.5)
+    assert s.dtype == torch.float64

@@ -2,7 +2,6 @@
 invariants: accumulation equals a larger batch, a killed-and-resumed run equals an
 uninterrupted one, DPO starts at ln 2 with zero margins, precomputed reference log-probs
 equal the live reference, and a non-finite loss stops with a clear error."""
-import argparse
 import json
 import math
 import os
@@ -16,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import minialign
-from minialign.distributed import DistEnv
-from minialign.train import Objective, add_training_args, train
+from minialign.distributed import DistEnv, GradReducer
+from minialign.objective import Objective
+from minialign.run_folder import RunFolder
+from minialign.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "4", "--max_length", "64", "--max_prompt_length", "32", "--log_every", "1",
@@ -113,7 +114,9 @@ def test_dpo_starts_at_ln2_and_precomputed_reference_equals_live(tiny_world, tmp
     for a, b in zip(records(tmp_path / "live"), records(tmp_path / "pre")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
-    again = run("train_dpo.py", tiny_world, tmp_path / "pre", "--max_steps", "5", "--lr", "1e-3", "--precompute_ref")
+    # A new run in the same folder (--overwrite) finds the cached reference log-probs.
+    again = run("train_dpo.py", tiny_world, tmp_path / "pre", "--max_steps", "5", "--lr", "1e-3", "--precompute_ref",
+                "--overwrite")
     assert "reused" in again.stdout and "computed" not in again.stdout
     assert_same_weights(weights(tmp_path / "live"), weights(tmp_path / "pre"), atol=1e-5)
     assert live.returncode == 0
@@ -126,9 +129,13 @@ def test_simpo_loads_no_reference(tiny_world, tmp_path):
     assert records(tmp_path / "simpo")[-1]["loss"] > 0
 
 
-def _args(out, *extra):
-    p = add_training_args(argparse.ArgumentParser())
-    return p.parse_args(["--output", str(out), *SMALL, *extra])
+def train_in_process(model, objective, train_items, eval_items, out, tok, **settings):
+    """train() in this process on one rank, with the SMALL settings, into run folder `out`."""
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    cfg = TrainConfig(**{"lr": 1e-3, "batch_size": 4, "warmup_ratio": 0.1, **settings})
+    run = RunFolder(out, env)
+    run.claim(resume=False, overwrite=False, run_config={})
+    return train(model, objective, train_items, eval_items, cfg, env, tok, GradReducer(model, env), run)
 
 
 def _tokenized(world):
@@ -143,17 +150,15 @@ def _tokenized(world):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "simpo"])
 def test_every_dpo_loss_moves_the_margin_up(tiny_world, tmp_path, loss_type):
-    from minialign.dpo import dpo_objective
+    from minialign.dpo import dpo_objective, live_reference
 
     tok, items = _tokenized(tiny_world)
     policy = minialign.load_model(tiny_world["model"])
-    ref = None if loss_type == "simpo" else minialign.load_model(tiny_world["model"]).eval()
+    ref = None if loss_type == "simpo" else live_reference(minialign.load_model(tiny_world["model"]).eval())
     smoothing = 0.1 if loss_type == "robust" else 0.0
     beta = 2.0 if loss_type == "simpo" else 0.1
-    objective = dpo_objective(loss_type, beta=beta, label_smoothing=smoothing, simpo_gamma=0.5, ref_model=ref)
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    _, recs = train(policy, objective, items[:128], items[128:], _args(tmp_path, "--max_steps", "15", "--lr", "3e-3"),
-                    env, tok, tok.pad_token_id)
+    objective = dpo_objective(loss_type, beta=beta, label_smoothing=smoothing, simpo_gamma=0.5, reference=ref)
+    _, recs = train_in_process(policy, objective, items[:128], items[128:], tmp_path, tok, max_steps=15, lr=3e-3)
     train_recs = [r for r in recs if r["split"] == "train"]
     assert all(math.isfinite(r["loss"]) for r in train_recs)
     first_margin = train_recs[0]["rewards/margins"]
@@ -162,23 +167,48 @@ def test_every_dpo_loss_moves_the_margin_up(tiny_world, tmp_path, loss_type):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
     from minialign.reward import reward_objective
-    from minialign.resume import latest_checkpoint
 
     tok, items = _tokenized(tiny_world)
     model = minialign.load_model(tiny_world["model"], reward=True)
     good = reward_objective()
     calls = {"n": 0}
 
-    def compute(m, batch):  # the 4th micro-batch returns NaN
+    def loss(m, batch):  # the 4th micro-batch returns NaN
         calls["n"] += 1
-        loss, sums = good.compute(m, batch)
-        return (loss * float("nan") if calls["n"] == 4 else loss), sums
+        losses, sums = good.loss(m, batch)
+        return (losses * float("nan") if calls["n"] == 4 else losses), sums
 
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    args = _args(tmp_path, "--max_steps", "10", "--save_every", "2")
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4.*step-000002"):
-        train(model, Objective(compute, good.summarize), items, [], args, env, tok, tok.pad_token_id)
-    ckpt = latest_checkpoint(tmp_path)
+        train_in_process(model, Objective(loss, good.summarize), items, [], tmp_path, tok, max_steps=10, save_every=2)
+    ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
     assert ckpt.name == "step-000002"
     reloaded = minialign.load_model(ckpt)
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_bf16_run_holds_the_reference_in_bf16_and_still_starts_at_ln2(tiny_world, tmp_path):
+    """Under --dtype bf16 the frozen reference keeps its linear weights in bf16 (precision.py); run
+    under the same autocast it computes exactly what the fp32-master policy computes, so the first
+    DPO loss is still ln 2 and the margins 0. RPO logs its two terms apart."""
+    run("train_dpo.py", tiny_world, tmp_path / "bf16", "--max_steps", "2", "--dtype", "bf16", "--rpo_alpha", "0.5")
+    first = records(tmp_path / "bf16")[0]
+    assert first["loss/preference"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(first["loss/preference"] + 0.5 * first["loss/nll"], abs=1e-5)
+
+
+def test_frozen_bf16_copy_equals_fp32_model_under_autocast(tiny_world):
+    from minialign.collate import collate_pairs
+    from minialign.dpo import concatenated_logps
+    from minialign.precision import autocast_context, hold_frozen_in_bf16
+
+    tok, items = _tokenized(tiny_world)
+    batch = collate_pairs(items[:4], tok.pad_token_id)
+    model = minialign.load_model(tiny_world["model"]).eval()
+    frozen = hold_frozen_in_bf16(minialign.load_model(tiny_world["model"]).eval())
+    assert frozen.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert frozen.model.embed_tokens.weight.dtype == torch.float32  # the (tied) embedding is no autocast matmul
+    assert frozen.model.norm.weight.dtype == torch.float32
+    with torch.no_grad(), autocast_context("bf16", torch.device("cpu")):
+        a, b = concatenated_logps(model, batch)[0], concatenated_logps(frozen, batch)[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
