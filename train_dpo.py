@@ -17,6 +17,7 @@ import torch
 from minialign import load_model, load_tokenizer, save_model
 from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.dpo import LOSS_TYPES, dpo_objective, precompute_reference_logps
+from minialign.hub import resolve_model_path
 from minialign.plots import plot_training_curves
 from minialign.train import add_training_args, prepare_pairs, resolve_data_defaults, train, write_run_config
 
@@ -46,7 +47,7 @@ def main(argv=None):
     output = Path(args.output)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
     train_items, eval_items = prepare_pairs(args, env, tokenizer)
 
     # 2. Policy, and the frozen reference (none for SimPO).
@@ -55,7 +56,7 @@ def main(argv=None):
     broadcast_parameters(policy, env)
     ref_model = None
     if args.loss_type != "simpo":
-        ref_dir = args.ref_model or args.model
+        ref_dir = resolve_model_path(args.ref_model or args.model, "--ref_model")  # a folder, also for a Hub id
         ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
         if args.precompute_ref:
             cache_dir = args.ref_cache_dir or output / "ref_cache"

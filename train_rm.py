@@ -39,7 +39,7 @@ def main(argv=None):
     output = Path(args.output)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
     train_items, eval_items = prepare_pairs(args, env, tokenizer)
 
     # 2. Model: the causal-LM backbone with a fresh scalar head (or a reward model to continue).

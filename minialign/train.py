@@ -32,6 +32,7 @@ from .data import load_preferences, split_by_prompt
 from .distributed import GradReducer, all_reduce_sums, barrier, print0
 from .resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .sampler import eval_shard, global_batches, padding_fraction, rank_micro_batches
+from .tokenizer import CHAT_FORMAT_CHOICES
 
 
 def add_training_args(parser: argparse.ArgumentParser):
@@ -41,6 +42,8 @@ def add_training_args(parser: argparse.ArgumentParser):
     a("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer); default: the demo base model")
     a("--data", help="training preferences (.json, .jsonl, .gz); default: the demo train split")
     a("--data_format", default="auto", help="auto, or one of the formats in minialign.data (see README)")
+    a("--chat_format", default="auto", choices=CHAT_FORMAT_CHOICES,
+      help="chat template renderer: auto (a known family in Python, any other template with Jinja), a family, or jinja")
     a("--eval_data", help="held-out preferences; default: --eval_split of --data")
     a("--eval_split", type=float, default=0.1, help="fraction of --data prompts held out when --eval_data is absent")
     a("--strict", action="store_true", help="any skipped record is an error instead of a counted skip")
