@@ -145,7 +145,8 @@ class JinjaChatTemplate:
         try:
             self._template = _compiled(template)
         except jinja2.TemplateSyntaxError as e:
-            raise UserError(f"{source}: the chat template is not valid Jinja (template line {e.lineno}: {e.message})") from None
+            raise UserError(f"{source}: the chat template is not valid Jinja (template line {e.lineno}: "
+                            f"{e.message})") from None
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         """Render; `variables` are extra template variables (e.g. date_string for Llama 3)."""

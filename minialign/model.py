@@ -249,7 +249,8 @@ class Backbone(nn.Module):
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
         positions = positions_from_mask(attention_mask, T)  # (B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)  # (B, T, D) each
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                self.cfg.rope_scaling)  # (B, T, D) each
         mask = attention_mask_4d(attention_mask, T, past)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):

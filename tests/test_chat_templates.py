@@ -6,6 +6,7 @@ train_dpo.py and evaluate.py rm end to end on a tiny checkpoint carrying each te
 import datetime
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -114,7 +115,8 @@ def test_jinja_rendering_matches_transformers(case, tokenizers, frozen_clock):
 
 
 @needs_jinja2
-@pytest.mark.parametrize("case", OFFICIAL, ids=lambda c: f"{c['template']}-{c['name']}-gen{int(c['add_generation_prompt'])}")
+@pytest.mark.parametrize("case", OFFICIAL,
+                         ids=lambda c: f"{c['template']}-{c['name']}-gen{int(c['add_generation_prompt'])}")
 def test_jinja_renders_the_official_qwen_and_smollm2_templates_as_transformers(case):
     """--chat_format jinja on the families minialign also writes in Python gives the same strings
     (Qwen3 with enable_thinking=False, the one variable the fixture passed)."""
@@ -311,7 +313,8 @@ def test_train_and_evaluate_with_each_template(name, checkpoints, tmp_path, caps
     (all of them for DeepSeek-R1, none otherwise). The Llama 3.2 DPO run names its model by a Hub
     id, found in a Hugging Face cache laid out as huggingface_hub writes it (see test_hub.py)."""
     model, data = checkpoints[name], checkpoints["data"]
-    rm = run_script("train_rm.py", ["--model", model, "--data", data, "--output", tmp_path / "rm", *SMALL, "--lr", "1e-3"])
+    rm = run_script("train_rm.py", ["--model", model, "--data", data, "--output", tmp_path / "rm", *SMALL,
+                                    "--lr", "1e-3"])
     report = capsys.readouterr().out
     if name == "llama3.2":
         snapshot = tmp_path / "hub" / "models--tiny-org--llama-tiny" / "snapshots" / "0123abcd"
@@ -321,7 +324,7 @@ def test_train_and_evaluate_with_each_template(name, checkpoints, tmp_path, caps
     dpo = run_script("train_dpo.py", ["--model", model, "--data", data, "--output", tmp_path / "dpo", *SMALL])
     summary = run_script("evaluate.py", ["rm", "--reward_model", tmp_path / "rm" / "model", "--data", data,
                                          "--output", tmp_path / "eval", "--num_pairs", "8"])
-    assert all(map(lambda v: v == v and abs(v) < 1e3, (rm["loss"], dpo["loss"], summary["accuracy"])))
+    assert all(math.isfinite(v) for v in (rm["loss"], dpo["loss"], summary["accuracy"]))
     first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - 0.6931) < 1e-3, first  # policy == reference at step 1
     for run in ("rm", "dpo"):
