@@ -30,8 +30,10 @@ from minialign.collate import tokenize_pairs
 from minialign.data import load_preferences, prompts_view
 from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
                                   per_prompt_means, policy_comparison_summary, repetition_rate, reward_model_summary, top_k_changes)
+from minialign.hub import resolve_model_path
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
 from minialign.reward import score_responses
+from minialign.tokenizer import CHAT_FORMAT_CHOICES
 
 DEMO_RM, DEMO_POLICY = "runs/rm/model", "runs/dpo/model"  # where train_rm.py / train_dpo.py save by default
 CURVE_METRICS = ("loss", "accuracy", "margin", "rewards/accuracies", "rewards/margins")  # absent ones are skipped
@@ -51,7 +53,9 @@ def demo_world(*flags):
 
 
 def require_model(path, flag: str):
-    """Fail early, naming the flag, when a checkpoint folder is missing (e.g. not trained yet)."""
+    """Fail early, naming the flag, when a checkpoint folder is missing (e.g. not trained yet).
+    A Hub id `org/name` is looked up in the local Hugging Face cache (minialign.hub)."""
+    path = resolve_model_path(path, f"--{flag}")
     if not (Path(path) / "config.json").is_file():
         hint = {DEMO_RM: " (train it with `python train_rm.py`)",
                 DEMO_POLICY: " (train it with `python train_dpo.py`)"}.get(path, "")
@@ -106,6 +110,9 @@ def add_common(p, seed_help="seeds the bootstrap"):
     p.add_argument("--n_resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--chat_format", default="auto", choices=CHAT_FORMAT_CHOICES,
+                   help="chat template renderer for every checkpoint loaded: auto (a known family in Python, "
+                        "any other template with Jinja), a family, or jinja")
 
 
 # ---------------------------------------------------------------------------- subcommands
@@ -123,7 +130,7 @@ def run_rm(args):
         keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), args.num_pairs, replace=False))
         pairs = [pairs[i] for i in keep]
 
-    tokenizer = load_tokenizer(args.reward_model)
+    tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
     model = load_eval_model(args.reward_model, args)
     prompts = [p.prompt for p in pairs]
     better = score_responses(model, tokenizer, prompts, [p.chosen for p in pairs], args.batch_size, args.max_length)
@@ -162,7 +169,7 @@ def run_rm(args):
 
 def generate_with(model_dir, prompts, args):
     """Load one causal LM, answer every prompt, free the model (base and policy never coexist)."""
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, chat_format=args.chat_format)
     model = load_eval_model(model_dir, args)
     gen = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
@@ -230,7 +237,7 @@ def run_dpo(args):
 
     base = generate_with(args.base, asked, args)
     policy = generate_with(args.policy, asked, args)
-    tokenizer = load_tokenizer(args.reward_model)
+    tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
     rm = load_eval_model(args.reward_model, args)
     base_r = score_responses(rm, tokenizer, asked, base.texts, args.batch_size, args.max_length)
     policy_r = score_responses(rm, tokenizer, asked, policy.texts, args.batch_size, args.max_length)
@@ -283,7 +290,7 @@ def run_implicit(args):
     out.mkdir(parents=True, exist_ok=True)
     pairs, report = load_preferences(args.data, args.data_format)
     print(report.summary())
-    tokenizer = load_tokenizer(args.policy)
+    tokenizer = load_tokenizer(args.policy, chat_format=args.chat_format)
     items, stats = tokenize_pairs(tokenizer, pairs, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length, truncation="keep_end")
     print(stats.summary())

@@ -18,6 +18,7 @@ from minialign.checkpoint import checkpoint_dtype
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
+from minialign.hub import resolve_model_path
 from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
 from minialign.plots import plot_training_curves
@@ -56,7 +57,7 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
     model, or a lookup in its log-probs computed once (--precompute_ref). None for SimPO."""
     if args.loss_type == "simpo":
         return None
-    ref_dir = args.ref_model or args.model
+    ref_dir = resolve_model_path(args.ref_model, "--ref_model") if args.ref_model else args.model
     ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
     if dtype == "bf16":
         hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
@@ -76,13 +77,14 @@ def main(argv=None):
     env = init_distributed(args.dist_timeout)
     if args.model is None:
         use_demo_world(args, env)
+    args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
     run = RunFolder(args.output, env)
     run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
     dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
     data = data_config(args)
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 

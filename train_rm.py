@@ -15,6 +15,7 @@ from minialign.checkpoint import checkpoint_dtype
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
+from minialign.hub import resolve_model_path
 from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
@@ -42,13 +43,14 @@ def main(argv=None):
     env = init_distributed(args.dist_timeout)
     if args.model is None:
         use_demo_world(args, env)
+    args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
     run = RunFolder(args.output, env)
     run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
     dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
     data = data_config(args)
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .hub import resolve_model_path
 from .model import CausalLM, RewardModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -94,7 +95,9 @@ def load_model(path, dtype=None, device=None, reward: bool | None = None):
     architecture (or `reward=True`: then a fresh scalar head on a causal-LM backbone).
 
     dtype: None keeps fp32 (master weights for training), or "bf16"/"fp16"/torch.dtype.
+    path: a checkpoint folder, or a Hub id `org/name` found in the local Hugging Face cache (minialign.hub).
     """
+    path = resolve_model_path(path)
     cfg = load_config(path)
     dtype = parse_dtype(dtype) or torch.float32
     as_reward = cfg.is_reward_model if reward is None else reward

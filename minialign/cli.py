@@ -15,6 +15,7 @@ import sys
 from .data import FORMATS, PKU_LABEL_KEYS
 from .errors import UserError
 from .prepare import DataConfig
+from .tokenizer import CHAT_FORMAT_CHOICES
 from .train import TrainConfig
 
 DEBUG_ENV = "MINIALIGN_DEBUG"
@@ -119,9 +120,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """The flags both trainers share. --batch_size is per rank: the global batch is
     batch_size x grad_accum x world_size pairs."""
     g = parser.add_argument_group("model and data (give both, or neither for the demo world)")
-    g.add_argument("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
+    g.add_argument("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files), "
+                                   "or a Hub id (org/name) already downloaded into the local Hugging Face cache")
     g.add_argument("--data", help="training preferences (.json, .jsonl, .gz)")
     g.add_argument("--data_format", default="auto", choices=("auto", *FORMATS), help="override format detection")
+    g.add_argument("--chat_format", default="auto", choices=CHAT_FORMAT_CHOICES,
+                   help="chat template renderer: auto (a known family in plain Python, any other template with "
+                        "Jinja), a family by name, or jinja")
     g.add_argument("--eval_data", help="held-out preferences (default: --eval_split of --data)")
     g.add_argument("--eval_split", type=float_range(0.0, 1.0, high_open=True), default=0.1,
                    help="share of --data's distinct prompts held out when --eval_data is absent (0: no eval)")

@@ -9,11 +9,29 @@ tokenize both, and take the answer's tokens as everything after the prompt's tok
 only right if the prompt's tokens are a *prefix* of the full tokens (BPE could merge across
 the seam, e.g. when an answer starts with "\\n"), so we check it.
 
-The answer's tokens end with the end-of-turn token <|im_end|>, which is labelled: the model
-must learn to stop, and a generation stops there (it is an eos id). The template's "\\n"
-after <|im_end|> is cut off, not just left unlabelled: a generation never produces it, so
-every training sequence ends exactly where a sampled answer ends, and a reward model reads
-its score at <|im_end|> in training and at inference alike.
+The answer's tokens end with the template's end-of-turn text (tokenizer.end_of_turn_ids:
+<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Zephyr), which is labelled: the model
+must learn to stop, and a generation stops there (it is an eos id). What the template writes
+after it (ChatML's and Zephyr's "\\n") is cut off, not just left unlabelled: a generation never
+produces it, so every training sequence ends exactly where a sampled answer ends, and a reward
+model reads its score at the end-of-turn token in training and at inference alike.
+
+Templates whose prompt is not a prefix of their own full rendering: DeepSeek-R1's generation
+prompt ends "<｜Assistant｜><think>\\n", but its rendering of an answered conversation writes
+"<｜Assistant｜>" + answer, with no "<think>" (and keeps only the text after the answer's last
+"</think>"). Splitting that rendering after the prompt would label template text that is not
+the answer, or cut into it. For such pairs (found by comparing strings, pair by pair) the full
+text is built instead as
+
+    full text = prompt text + answer + end-of-turn text
+
+the sequence the model sees when it generates this answer from this prompt, so that training,
+scoring (reward.conversation_ids) and generation agree. These pairs are counted
+(TokenizeStats.from_generation_prompt) and the load report names the template. Templates that
+rewrite *earlier* assistant turns (Qwen3 and DeepSeek-R1 drop their reasoning) rewrite them in
+both renderings alike, so their prompt stays a prefix. If the tokens of the full text still do
+not start with the prompt's tokens (a BPE merge across the seam), the pair is skipped as
+not_prefix, with the template's name in the message.
 
 Truncation policy (`max_prompt_length`, `max_length`, `truncation`), the same for the reward
 model, DPO and the reward model's scoring at evaluation (reward.conversation_ids):
@@ -41,6 +59,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UserError
 from .logprobs import IGNORE_INDEX
 
 TRUNCATION_MODES = ("keep_end", "drop")
@@ -72,12 +91,17 @@ class TokenizeStats:
     kept: int = 0
     prompt_truncated: int = 0      # among kept
     prompt_mostly_cut: int = 0     # among kept: less than MOSTLY_CUT_SHARE of the prompt left
+    from_generation_prompt: int = 0  # among kept: built as prompt text + answer + end of turn (see above)
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count ("over_length", "not_prefix")
+    template: str = ""             # the chat template's name (Tokenizer.template_name), for the report
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        built = (f"; {self.from_generation_prompt} built as generation prompt + answer + end of turn, since "
+                 f"{self.template} does not render them as a continuation of the prompt"
+                 if self.from_generation_prompt else "")
         text = (f"tokenized {self.pairs} pairs: kept {self.kept} (prompt truncated {self.prompt_truncated}), "
-                f"dropped: {drops}")
+                f"dropped: {drops}{built}")
         if self.kept and self.prompt_mostly_cut > self.kept / 2:
             text += (f"\nwarning: {self.prompt_mostly_cut} of {self.kept} pairs kept less than a quarter of their "
                      f"prompt (little more than the chat template's tail); raise --max_length or --max_prompt_length")
@@ -92,34 +116,61 @@ class PairSkipped(ValueError):
         self.reason, self.line, self.detail = reason, line, detail
 
 
-def _pair_texts(tokenizer, pair) -> list[str]:
-    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as strings."""
-    def full(answer: str) -> str:
-        return tokenizer.apply_chat_template(pair.prompt + [{"role": "assistant", "content": answer}])
-    return [tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True), full(pair.chosen), full(pair.rejected)]
+def conversation_text(tokenizer, prompt: list[dict], answer: str, prompt_text: str | None = None) -> tuple[str, bool]:
+    """prompt + answer as one string that starts with the rendered prompt (generation prompt
+    included), and whether it had to be built as prompt text + answer + end of turn because the
+    template renders the answered conversation differently (see the module docstring)."""
+    if prompt_text is None:
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}])
+    if full.startswith(prompt_text):
+        return full, False
+    return prompt_text + answer + tokenizer.end_of_turn_text, True
+
+
+def _pair_texts(tokenizer, pair) -> tuple[list[str], bool]:
+    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as strings, and whether
+    either answer had to be built after the generation prompt."""
+    try:
+        prompt_text = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True)
+        chosen, built_chosen = conversation_text(tokenizer, pair.prompt, pair.chosen, prompt_text)
+        rejected, built_rejected = conversation_text(tokenizer, pair.prompt, pair.rejected, prompt_text)
+    except UserError as e:  # the template refused this conversation: say which pair
+        raise UserError(f"line {pair.line}: {e}") from None
+    return [prompt_text, chosen, rejected], built_chosen or built_rejected
 
 
 def _answer_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], which: str, line) -> list[int]:
-    """The tokens after the prompt, up to and including the last <|im_end|>."""
+    """The tokens after the prompt, up to and including the last end of turn."""
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
         k = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(n, len(full_ids)))
         raise PairSkipped("not_prefix", line, (
-            f"the prompt's tokens are not a prefix of prompt + {which}'s tokens; they differ at token {k}: "
-            f"{tokenizer.decode(prompt_ids[k:k + 3])!r} vs {tokenizer.decode(full_ids[k:k + 3])!r} "
-            f"(an answer starting with text that merges with the prompt's end, such as a newline?)"))
+            f"with {tokenizer.template_name}, the prompt's tokens are not a prefix of prompt + {which}'s "
+            f"tokens; they differ at token {k}: {tokenizer.decode(prompt_ids[k:k + 3])!r} vs "
+            f"{tokenizer.decode(full_ids[k:k + 3])!r} (an answer starting with text that merges with the "
+            f"prompt's end, such as a newline?)"))
     answer = full_ids[n:]
-    if tokenizer.end_of_turn_token_id not in answer:
-        raise ValueError(f"line {line}: the chat template did not end the {which} turn with <|im_end|>")
-    return through_last_end_of_turn(answer, tokenizer.end_of_turn_token_id)
+    if end_of_turn_end(answer, tokenizer.end_of_turn_ids) is None:
+        raise UserError(f"line {line}: {tokenizer.template_name} did not end the {which} answer with its "
+                        f"end of turn {tokenizer.end_of_turn_text!r}")
+    return through_last_end_of_turn(answer, tokenizer.end_of_turn_ids)
 
 
-def through_last_end_of_turn(ids: list[int], end_of_turn: int) -> list[int]:
-    """ids up to and including the last end-of-turn token (the template's "\n" after it is cut);
-    unchanged when there is none."""
-    if end_of_turn not in ids:
-        return ids
-    return ids[: len(ids) - ids[::-1].index(end_of_turn)]
+def end_of_turn_end(ids: list[int], end_of_turn: list[int]) -> int | None:
+    """The index just after the last occurrence of the end-of-turn tokens in ids; None if absent."""
+    k = len(end_of_turn)
+    for start in range(len(ids) - k, -1, -1) if k else ():
+        if ids[start:start + k] == end_of_turn:
+            return start + k
+    return None
+
+
+def through_last_end_of_turn(ids: list[int], end_of_turn: list[int]) -> list[int]:
+    """ids up to and including the last end-of-turn tokens (what the template writes after them,
+    such as ChatML's "\n", is cut); unchanged when there are none."""
+    end = end_of_turn_end(ids, end_of_turn)
+    return ids if end is None else ids[:end]
 
 
 def _tokenized(tokenizer, pair, ids: list[list[int]], max_length, max_prompt_length, truncation) -> TokenizedPair:
@@ -155,8 +206,8 @@ def tokenize_pair(tokenizer, pair, max_length: int | None = None, max_prompt_len
     "not_prefix" when the pair cannot be used.
     """
     _check_options(max_length, max_prompt_length, truncation)
-    ids = tokenizer.encode_batch(_pair_texts(tokenizer, pair))
-    return _tokenized(tokenizer, pair, ids, max_length, max_prompt_length, truncation)
+    texts, _ = _pair_texts(tokenizer, pair)
+    return _tokenized(tokenizer, pair, tokenizer.encode_batch(texts), max_length, max_prompt_length, truncation)
 
 
 def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_length: int | None = None,
@@ -166,11 +217,11 @@ def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_l
     when given, in `report` (a minialign.data.LoadReport, via add_skip); strict=True raises instead."""
     _check_options(max_length, max_prompt_length, truncation)
     pairs = list(pairs)
-    stats, kept = TokenizeStats(pairs=len(pairs)), []
+    stats, kept = TokenizeStats(pairs=len(pairs), template=tokenizer.template_name), []
     for i, pair in enumerate(pairs):
         if i % ENCODE_CHUNK_PAIRS == 0:
-            chunk = pairs[i:i + ENCODE_CHUNK_PAIRS]
-            ids = tokenizer.encode_batch([t for p in chunk for t in _pair_texts(tokenizer, p)])
+            rendered = [_pair_texts(tokenizer, p) for p in pairs[i:i + ENCODE_CHUNK_PAIRS]]
+            ids = tokenizer.encode_batch([t for texts, _ in rendered for t in texts])
         j = 3 * (i % ENCODE_CHUNK_PAIRS)  # this pair's [prompt, prompt + chosen, prompt + rejected]
         try:
             tp = _tokenized(tokenizer, pair, ids[j:j + 3], max_length, max_prompt_length, truncation)
@@ -182,6 +233,7 @@ def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_l
                 report.add_skip(e.reason, e.line, e.detail)
             continue
         kept.append(tp)
+        stats.from_generation_prompt += rendered[i % ENCODE_CHUNK_PAIRS][1]
         stats.prompt_truncated += tp.prompt_truncated
         stats.prompt_mostly_cut += tp.prompt_mostly_cut
     stats.kept = len(kept)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 # The classification architecture name Hugging Face uses for each family's reward model.
 REWARD_ARCHITECTURES = {
@@ -22,6 +24,55 @@ CAUSAL_LM_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
+# RoPE frequency scalings implemented (model.rope_inverse_frequencies), with the keys each needs.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How config.json stretches RoPE to a longer context than pretraining saw (Llama 3.1 / 3.2:
+    rope_type "llama3", factor 8 or 32, low_freq_factor 1, high_freq_factor 4, 8192 positions)."""
+
+    rope_type: str  # "linear" or "llama3"
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only, like the two below
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+def read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling or None) from either spelling of config.json:
+    transformers 4.x: top-level "rope_theta" and "rope_scaling": {"rope_type" (or "type"), "factor", ...};
+    transformers 5.x: "rope_parameters": {"rope_theta", "rope_type", "factor", ...}.
+    Rope types other than default, linear and llama3 are refused by name."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling")
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise UserError(f"{source}: '{key}.rope_type' = {rope_type!r} is not implemented (minialign implements "
+                        f"default, {', '.join(ROPE_SCALING_KEYS)})")
+    if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError(f"{source}: 'partial_rotary_factor' != 1 is not implemented (RoPE on every dimension only)")
+    values = dict(rope)
+    if rope_type == "llama3":  # as transformers: a top-level value wins, then max_position_embeddings
+        original = d.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        values["original_max_position_embeddings"] = original or d.get("max_position_embeddings")
+    for name in ROPE_SCALING_KEYS[rope_type]:
+        if not isinstance(values.get(name), (int, float)) or values[name] <= 0:
+            raise UserError(f"{source}: '{key}' needs a positive number '{name}' for rope_type "
+                            f"{rope_type!r}, got {values.get(name)!r}")
+    out = RopeScaling(rope_type, **{name: values[name] for name in ROPE_SCALING_KEYS[rope_type]})
+    if rope_type == "llama3" and out.high_freq_factor <= out.low_freq_factor:
+        raise UserError(f"{source}: '{key}': high_freq_factor {out.high_freq_factor} must be above "
+                        f"low_freq_factor {out.low_freq_factor}")
+    return theta, out
 
 
 @dataclass
@@ -38,6 +89,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # bias on q/k/v projections (always on for qwen2)
     o_bias: bool = False  # bias on the output projection (llama/qwen3 `attention_bias`)
@@ -53,33 +105,26 @@ class ModelConfig:
 
         def need(key):
             if key not in d:
-                raise ValueError(f"{source}: missing required key '{key}'")
+                raise UserError(f"{source}: missing required key '{key}'")
             return d[key]
 
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"{source}: model_type '{model_type}' is not implemented "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        # Newer configs nest RoPE settings under `rope_parameters`; older ones use
-        # `rope_theta` and `rope_scaling`. Only plain (unscaled) RoPE is implemented.
-        rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling")
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
-        if rope_type not in (None, "default"):
-            key = "rope_scaling" if scaling else "rope_parameters.rope_type"
-            raise ValueError(f"{source}: '{key}' = {scaling or rope} is not implemented (only plain RoPE)")
+        rope_theta, rope_scaling = read_rope(d, source)
         if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: 'use_sliding_window': true is not implemented")
+            raise UserError(f"{source}: 'use_sliding_window': true is not implemented")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: 'hidden_act' = {d['hidden_act']!r} is not implemented (only silu)")
+            raise UserError(f"{source}: 'hidden_act' = {d['hidden_act']!r} is not implemented (only silu)")
         if d.get("mlp_bias"):
-            raise ValueError(f"{source}: 'mlp_bias': true is not implemented")
+            raise UserError(f"{source}: 'mlp_bias': true is not implemented")
         heads = need("num_attention_heads")
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:
-            raise ValueError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads {kv_heads}")
+            raise UserError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads {kv_heads}")
         hidden = need("hidden_size")
         attention_bias = bool(d.get("attention_bias", False))
         architectures = d.get("architectures") or []
@@ -93,7 +138,8 @@ class ModelConfig:
             num_key_value_heads=kv_heads,
             head_dim=d.get("head_dim") or hidden // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes bias on q/k/v and none on o; llama/qwen3 use one switch for all four.
             qkv_bias=True if model_type == "qwen2" else attention_bias,

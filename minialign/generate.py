@@ -1,5 +1,6 @@
 """Batched generation with a KV cache: one prefill over the left-padded prompts, then one token
-at a time, each row stopping on its first end-of-sequence id.
+at a time, each row stopping on its first stop id: tokenizer.eos_token_ids, which begins with the
+chat template's end-of-turn token (<|im_end|>, <|eot_id|>, </s>, ...; minialign.tokenizer).
 
 Left padding keeps every prompt's last token in the final column, so the next-token logits of
 the whole batch are one slice; positions come from the attention mask (model.py), so padding

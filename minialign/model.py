@@ -3,7 +3,7 @@
 Covers the three Hugging Face families that share this skeleton:
   qwen2 / qwen2.5  q/k/v projections with bias, grouped-query attention (GQA)
   qwen3            per-head RMSNorm on q and k before RoPE, explicit head_dim, no bias
-  llama            no bias unless `attention_bias` (SmolLM2, TinyLlama)
+  llama            no bias unless `attention_bias` (SmolLM2, TinyLlama, Llama 3.x: RoPE scaling)
 Each block is   x = x + Attn(RMSNorm(x));   x = x + MLP(RMSNorm(x))   (pre-norm),
 the MLP is SwiGLU, positions enter through rotary embeddings (rotate-half RoPE).
 
@@ -16,6 +16,7 @@ C hidden size, H query heads, K key/value heads, D head dim, V vocabulary.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -43,14 +44,41 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None):
+    """(D/2,) fp32 rotary frequencies f_i = theta^(-2i/D), scaled as config.json asks:
+
+      linear (position interpolation, Chen et al. 2023): position p is read as p / factor, the
+        same angles as every f_i / factor.
+      llama3 (Meta's Llama 3.1 reference code, `apply_scaling` in meta-llama/llama-models; the same
+        rule as transformers' `_compute_llama3_parameters`): with wavelength w = 2 pi / f and
+        L = original_max_position_embeddings,
+          w < L / high_freq_factor   f unchanged          (fast-turning pairs: local word order)
+          w > L / low_freq_factor    f / factor           (slow pairs, stretched to the longer context)
+          otherwise                  (1 - s) f / factor + s f,  s = (L / w - low_freq_factor)
+                                                                   / (high_freq_factor - low_freq_factor)
+        s runs from 0 to 1 across the middle band, so the three pieces meet without a jump.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    L, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    s = (L / wavelength - low) / (high - low)
+    smoothed = (1 - s) * inv_freq / scaling.factor + s * inv_freq
+    scaled = torch.where(wavelength > L / low, inv_freq / scaling.factor, smoothed)
+    return torch.where(wavelength < L / high, inv_freq, scaled)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, scaling: RopeScaling | None = None):
     """cos and signed sin of the rotary angles, (B, T, D) each in fp32: position p rotates the
-    pair (i, i + D/2) by the angle p * theta^(-2i/D).
+    pair (i, i + D/2) by the angle p * f_i, f_i = theta^(-2i/D) (or scaled: rope_inverse_frequencies).
 
     The sin comes with its first half negated ([-sin, sin]), ready for apply_rope's roll.
     fp32 on purpose: in bf16, positions above a few hundred lose their low bits and the angles drift.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, positions.device)  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, D) each
@@ -221,7 +249,8 @@ class Backbone(nn.Module):
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
         positions = positions_from_mask(attention_mask, T)  # (B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, D) each
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                self.cfg.rope_scaling)  # (B, T, D) each
         mask = attention_mask_4d(attention_mask, T, past)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):

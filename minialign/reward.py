@@ -1,7 +1,7 @@
 """Reward modelling: the Bradley-Terry objective for the training loop, and scoring of texts.
 
-A reward model reads a whole conversation (prompt + answer, ending at the answer's
-<|im_end|>) and returns one number, the score head applied to the hidden state of the
+A reward model reads a whole conversation (prompt + answer, ending at the answer's end-of-turn
+token, e.g. <|im_end|>) and returns one number, the score head applied to the hidden state of the
 last real token. Training pushes r(chosen) above r(rejected) (losses.bradley_terry_loss).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .collate import through_last_end_of_turn
+from .collate import conversation_text, through_last_end_of_turn
 from .losses import bradley_terry_loss
 from .objective import Objective, preference_sums
 
@@ -40,11 +40,12 @@ def summarize_rewards(s: dict) -> dict[str, float]:
 
 
 def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None) -> list[int]:
-    """Token ids of prompt + assistant response, ending at the response's <|im_end|> (as in training).
+    """Token ids of prompt + assistant response, ending at the response's end of turn: the same
+    sequence training built (collate.conversation_text).
 
     Too long: the start of the conversation is cut, since the reward is read at the end."""
-    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}])
-    ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_token_id)
+    text, _ = conversation_text(tokenizer, prompt, response)
+    ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_ids)
     return ids[-max_length:] if max_length else ids
 
 

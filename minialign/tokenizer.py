@@ -1,4 +1,4 @@
-"""Tokenizer: Hugging Face `tokenizers` for text <-> ids, chat templates as plain Python.
+"""Tokenizer: Hugging Face `tokenizers` for text <-> ids, and the checkpoint's chat template.
 
 A Hugging Face tokenizer folder holds two things we need:
   tokenizer.json         the byte-level BPE itself (vocabulary, merges, special tokens),
@@ -6,17 +6,19 @@ A Hugging Face tokenizer folder holds two things we need:
   tokenizer_config.json  which tokens are eos / pad / bos, and a *chat template*: a Jinja
                          program that turns a list of messages into one prompt string.
 
-We do not execute Jinja. Every model family we support writes its conversations in
-ChatML, each turn being
+Which renderer runs the chat template is `chat_format` (`--chat_format` in the scripts):
+  auto (default)  a template minialign recognises (Qwen2.5, Qwen2, Qwen3, SmolLM2, plain ChatML;
+                  see chat_formats.detect_chat_format) is rendered by its plain-Python function;
+                  any other by Jinja, exactly as transformers renders it (chat_jinja.py, jinja2)
+  a family name   that plain-Python renderer, whatever the template says
+  jinja           the template itself through Jinja, even for a family minialign knows
 
-    <|im_start|>{role}\n{content}<|im_end|>\n
-
-and differs only in small ways (a default system prompt, Qwen3's empty <think> block).
-Each family is one short function below that reproduces the official template for
-plain system/user/assistant conversations (no tools, no images); tests compare them with
-strings rendered by the official Jinja templates. The family is recognised from a
-distinctive substring of the template (see `detect_chat_format`) or named explicitly
-with `load_tokenizer(path, chat_format=...)`.
+The end of an assistant turn is read off the template, not assumed: rendering a probe
+conversation [user, assistant], it is what the template writes right after the assistant's
+text, surrounding whitespace trimmed: "<|im_end|>" for ChatML, "<|eot_id|>" for Llama 3, "</s>"
+for Zephyr, "<｜end▁of▁sentence｜>" for DeepSeek-R1. Its tokens (`end_of_turn_ids`) are where
+the labels of an answer end and where a reward model reads its score (collate.py, reward.py),
+and, being one token in all of these, the first id a generation stops on.
 """
 from __future__ import annotations
 
@@ -27,180 +29,49 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-ROLES = ("system", "user", "assistant")
-
-QWEN2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-QWEN2_SYSTEM = "You are a helpful assistant."
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-# Qwen3 with enable_thinking=False: the assistant turn opens with an empty reasoning block.
-QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
-
-# Official templates short enough to carry verbatim. `train_bpe_tokenizer` writes them into
-# the tokenizer_config.json it creates, so that the tiny tokenizers look like real ones.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from .chat_formats import (  # noqa: F401  (re-exported: the chat formats are part of this module's API)
+    CHAT_FORMATS, CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SHORT_TEMPLATES, detect_chat_format,
 )
+from .chat_jinja import SPECIAL_TOKEN_KEYS, JinjaChatTemplate
+from .errors import MissingFileError, UserError
+from .hub import resolve_model_path
+
+JINJA = "jinja"  # chat_format: run the template itself with Jinja
+AUTO = "auto"    # chat_format: a recognised family in Python, anything else with Jinja
+CHAT_FORMAT_CHOICES = (AUTO, *CHAT_FORMATS, JINJA)  # what --chat_format accepts
+# The probe conversation that finds the end-of-turn text: plain words that no template rewrites
+# (Llama 3 trims contents, DeepSeek-R1 cuts at "</think>", Qwen3 at "<think>").
+PROBE_USER, PROBE_ANSWER = "Hello.", "Fine, thanks."
 
 
-def _with_default_system(system: str) -> str:
-    """The Qwen2 / SmolLM2 template: ChatML plus a system turn when the first message is not one."""
-    return (
-        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-        "{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}{% endif %}"
-        + CHATML_TEMPLATE[len("{% for message in messages %}"):]
-    )
+def choose_chat_format(template: str | None, chat_format: str | None, source: str) -> str | None:
+    """The renderer for `template`: a CHAT_FORMATS name, "jinja", or None without any template."""
+    if chat_format not in (None, *CHAT_FORMAT_CHOICES):
+        raise UserError(f"chat_format={chat_format!r} is not one of {', '.join(CHAT_FORMAT_CHOICES)} (--chat_format)")
+    if chat_format == JINJA and template is None:
+        raise UserError(f"{source}: --chat_format jinja needs a chat template ('chat_template' in "
+                        f"tokenizer_config.json or chat_template.jinja), and there is none")
+    if chat_format in (None, AUTO):
+        return None if template is None else (detect_chat_format(template) or JINJA)
+    return chat_format
 
 
-SHORT_TEMPLATES = {
-    "chatml": CHATML_TEMPLATE,
-    "qwen2": _with_default_system(QWEN2_SYSTEM),
-    "smollm2": _with_default_system(SMOLLM2_SYSTEM),
-}
-
-
-# ----------------------------------------------------------------------------------------
-# Chat formats: messages -> prompt string
-
-
-def _check_messages(messages: list[dict]) -> None:
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}]: role must be one of {ROLES}, got {m!r:.80}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: 'content' must be a string, got {type(m.get('content')).__name__}")
-
-
-def _turn(role: str, content: str) -> str:
-    return f"{IM_START}{role}\n{content}{IM_END}\n"
-
-
-def _chatml(messages: list[dict], add_generation_prompt: bool, default_system: str | None) -> str:
-    """ChatML; `default_system` is prepended when the first message is not a system turn.
-
-    Qwen2 and SmolLM2 check `loop.first`, so an empty conversation gets no system turn.
-    """
-    _check_messages(messages)
-    text = ""
-    if default_system is not None and messages and messages[0]["role"] != "system":
-        text += _turn("system", default_system)
-    text += "".join(_turn(m["role"], m["content"]) for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Plain ChatML without a default system prompt (our own tiny tokenizers)."""
-    return _chatml(messages, add_generation_prompt, default_system=None)
-
-
-def render_qwen2(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return _chatml(messages, add_generation_prompt, default_system=QWEN2_SYSTEM)
-
-
-def render_smollm2(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return _chatml(messages, add_generation_prompt, default_system=SMOLLM2_SYSTEM)
-
-
-def render_qwen2_5(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Qwen2.5: its template tests `messages[0]` outside the loop, so even an empty
-    conversation gets the default system turn."""
-    _check_messages(messages)
-    if messages and messages[0]["role"] == "system":
-        return _chatml(messages, add_generation_prompt, default_system=None)
-    return _turn("system", QWEN2_5_SYSTEM) + _chatml(messages, add_generation_prompt, default_system=None)
-
-
-def _qwen3_last_query_index(messages: list[dict]) -> int:
-    """Index of the last real user message (tool results wrapped in <tool_response> do not
-    count); the official template defaults to the last index when there is none."""
-    for i in range(len(messages) - 1, -1, -1):
-        c = messages[i]["content"]
-        if messages[i]["role"] == "user" and not (c.startswith("<tool_response>") and c.endswith("</tool_response>")):
-            return i
-    return len(messages) - 1
-
-
-def render_qwen3(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Qwen3's official template with enable_thinking=False, for conversations without tools.
-
-    Rules copied from the template:
-      * no default system prompt;
-      * an assistant turn holding "</think>" is split: reasoning is the text before the first
-        "</think>" (after any "<think>"), the answer the text after the last one, newlines trimmed;
-      * assistant turns *before* the last user message keep only the answer;
-      * assistant turns *after* it get a "<think>\\n{reasoning}\\n</think>\\n\\n" block when they
-        are the final message or have non-empty reasoning; with no reasoning that is the
-        empty block "<think>\\n\\n</think>\\n\\n", the same text the generation prompt ends with,
-        so a rendered prompt stays a prefix of the rendered prompt + answer.
-    """
-    _check_messages(messages)
-    last_query = _qwen3_last_query_index(messages)
-    parts = []
-    for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if role != "assistant":  # system and user turns are plain ChatML, wherever they are
-            parts.append(_turn(role, content))
-            continue
-        reasoning = ""
-        if "</think>" in content:
-            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-            content = content.split("</think>")[-1].lstrip("\n")
-        is_last = i == len(messages) - 1
-        if i > last_query and (is_last or reasoning):
-            reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
-            parts.append(f"{IM_START}assistant\n<think>\n{reasoning}\n</think>\n\n{content}")
-        else:
-            parts.append(f"{IM_START}assistant\n{content}")
-        parts.append(f"{IM_END}\n")
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n{QWEN3_EMPTY_THINK}")
-    return "".join(parts)
-
-
-CHAT_FORMATS = {
-    "qwen2.5": render_qwen2_5,
-    "qwen2": render_qwen2,
-    "qwen3": render_qwen3,
-    "smollm2": render_smollm2,
-    "chatml": render_chatml,
-}
-
-
-def _normalise(template: str) -> str:
-    """Compare templates up to whitespace and the spelling of newlines ("\\n" escape or real)."""
-    return "".join(template.replace("\\n", "\n").split())
-
-
-def detect_chat_format(template: str, source: str = "chat_template") -> str:
-    """Name the chat format of a Jinja template from distinctive text in it.
-
-    Checked in this order (the first match wins):
-      qwen3    contains "enable_thinking" and "last_query_index" (the hybrid-thinking Qwen3
-               template; the 2507 Instruct/Thinking templates lack "enable_thinking")
-      qwen2.5  contains Qwen2.5's default system prompt "You are Qwen, created by Alibaba Cloud."
-      smollm2  contains "You are a helpful AI assistant named SmolLM"
-      qwen2    contains "You are a helpful assistant.<|im_end|>" (Qwen2 / Qwen1.5 default system)
-      chatml   equals the standard ChatML template (`CHATML_TEMPLATE`) up to whitespace; plain
-               ChatML has nothing distinctive, so anything else is rejected rather than guessed.
-    """
-    t = template.replace("\\n", "\n")
-    if IM_START in t and "enable_thinking" in t and "last_query_index" in t:
-        return "qwen3"
-    if IM_START in t and "You are Qwen, created by Alibaba Cloud." in t:
-        return "qwen2.5"
-    if IM_START in t and "You are a helpful AI assistant named SmolLM" in t:
-        return "smollm2"
-    if IM_START in t and f"{QWEN2_SYSTEM}{IM_END}" in t:
-        return "qwen2"
-    if _normalise(template) == _normalise(CHATML_TEMPLATE):
-        return "chatml"
-    raise ValueError(
-        f"unrecognised chat template in {source} (starts {template[:60]!r}); minialign renders only "
-        f"{sorted(CHAT_FORMATS)} in plain Python. If this model uses one of them, choose it "
-        f"explicitly with load_tokenizer(path, chat_format=...)"
-    )
+def find_end_of_turn(render, template_name: str) -> str:
+    """What the template writes right after an assistant message's text, whitespace trimmed
+    (e.g. "<|im_end|>\\n" -> "<|im_end|>"): the text that ends every answer minialign trains on."""
+    convo = [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ANSWER}]
+    text = render(convo, add_generation_prompt=False)
+    at = text.rfind(PROBE_ANSWER)
+    if at < 0:
+        raise UserError(f"{template_name} does not write an assistant message's text as it is (rendering "
+                        f"{PROBE_ANSWER!r} gave {text[-80:]!r}), so minialign cannot tell where an answer ends; "
+                        f"choose another renderer with --chat_format")
+    end = text[at + len(PROBE_ANSWER):].strip()
+    if not end:
+        raise UserError(f"{template_name} writes nothing after an assistant message, so an answer has no "
+                        f"end-of-turn token to learn (nor a place to read a reward); choose another renderer "
+                        f"with --chat_format")
+    return end
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,39 +79,46 @@ def detect_chat_format(template: str, source: str = "chat_template") -> str:
 
 
 class Tokenizer:
-    """Byte-level BPE (Rust `tokenizers`) + special-token ids + a chat format.
+    """Byte-level BPE (Rust `tokenizers`) + special-token ids + a chat template renderer.
 
+    chat_format: the renderer (see the module docstring): a CHAT_FORMATS name, "jinja", or None
+        when the folder has no chat template.
+    end_of_turn_text, end_of_turn_ids: how the template ends an assistant turn, as text and as
+        token ids (None and [] without a chat template).
     pad_token_id: the configured pad token; without one, "<|endoftext|>" if the vocabulary has
         it, else the first eos id. Padding positions are masked, so any id works; these keep it
         a token the model knows.
-    eos_token_ids: for ChatML chat formats "<|im_end|>" (ends a turn) and "<|endoftext|>" (ends a
-        document; base-model habit) whichever exist, then the configured eos and any ids from
-        generation_config.json. Without a chat format, the configured eos (+ generation_config).
+    eos_token_ids: the ids a generation stops on: the end-of-turn token (when it is one token),
+        "<|endoftext|>" when the turns are ChatML (ends a document; a base-model habit), then the
+        configured eos and any ids from generation_config.json.
     """
 
     def __init__(self, backend: RustTokenizer, eos_token: str, pad_token: str | None = None,
                  bos_token: str | None = None, chat_template: str | None = None,
                  chat_format: str | None = None, extra_eos_token_ids: tuple[int, ...] = (),
-                 config: dict | None = None, source: str = "tokenizer"):
+                 config: dict | None = None, source: str = "tokenizer", template_source: str | None = None):
         self.backend = backend
         self.source = source
         self.chat_template = chat_template
-        if chat_format is None and chat_template is not None:
-            chat_format = detect_chat_format(chat_template, source)
-        if chat_format is not None and chat_format not in CHAT_FORMATS:
-            raise ValueError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
-        self.chat_format = chat_format
+        self.template_source = template_source or source  # the file the template was read from
         self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.config = dict(config or {})  # other tokenizer_config.json keys, written back by save()
+        self.chat_format = choose_chat_format(chat_template, chat_format, self.template_source)
+        if self.chat_format == JINJA:
+            self._render = JinjaChatTemplate(chat_template, self.special_tokens, self.template_source)
+        else:
+            self._render = CHAT_FORMATS.get(self.chat_format)
 
         eos_id = self._id_of(eos_token, "eos_token")
         self.bos_token_id = None if bos_token is None else self._id_of(bos_token, "bos_token")
-        self.end_of_turn_token_id = backend.token_to_id(IM_END)
-        if chat_format is not None and self.end_of_turn_token_id is None:
-            raise ValueError(f"{source}: chat format {chat_format!r} needs {IM_END!r} in the vocabulary")
+        self.end_of_turn_text = None if self._render is None else find_end_of_turn(self._render, self.template_name)
+        self.end_of_turn_ids = [] if self.end_of_turn_text is None else self.encode(self.end_of_turn_text)
+        if self.chat_format in CHAT_FORMATS and self.end_of_turn_token_id is None:
+            raise UserError(f"{source}: chat format {self.chat_format!r} needs {IM_END!r} in the vocabulary "
+                            f"as one token")
         endoftext_id = backend.token_to_id(ENDOFTEXT)
 
-        ids = [self.end_of_turn_token_id, endoftext_id] if chat_format is not None else []
+        ids = [self.end_of_turn_token_id, endoftext_id if self.end_of_turn_text == IM_END else None]
         ids += [eos_id, *extra_eos_token_ids]
         self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))  # ordered, unique
         if pad_token is not None:
@@ -251,8 +129,30 @@ class Tokenizer:
     def _id_of(self, token: str, key: str) -> int:
         i = self.backend.token_to_id(token)
         if i is None:
-            raise ValueError(f"{self.source}: {key} {token!r} is not in tokenizer.json's vocabulary")
+            raise UserError(f"{self.source}: {key} {token!r} is not in tokenizer.json's vocabulary")
         return i
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens that are set ({"bos_token": ..., "eos_token": ...}): the
+        variables transformers gives a chat template besides the messages."""
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        for key in SPECIAL_TOKEN_KEYS:
+            if key not in named:
+                named[key] = _token_str(self.config, key, self.source)
+        return {k: named[k] for k in SPECIAL_TOKEN_KEYS if named[k] is not None}
+
+    @property
+    def template_name(self) -> str:
+        """The renderer, as error messages and load reports name it."""
+        if self.chat_format == JINJA:
+            return f"the chat template of {self.template_source} (rendered by Jinja)"
+        return f"chat format {self.chat_format!r}"
+
+    @property
+    def end_of_turn_token_id(self) -> int | None:
+        """The end-of-turn token when the template ends a turn with exactly one token, else None."""
+        return self.end_of_turn_ids[0] if len(self.end_of_turn_ids) == 1 else None
 
     @property
     def vocab_size(self) -> int:
@@ -282,13 +182,13 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """messages [{"role", "content"}, ...] -> the prompt string the model was trained on.
         With add_generation_prompt, the string ends where the assistant's answer begins."""
-        if self.chat_format is None:
-            raise ValueError(
+        if self._render is None:
+            raise UserError(
                 f"{self.source}: no chat template (neither 'chat_template' in tokenizer_config.json nor "
-                f"chat_template.jinja); choose one with load_tokenizer(path, chat_format=...) "
-                f"from {sorted(CHAT_FORMATS)}"
+                f"chat_template.jinja); choose a renderer with --chat_format (load_tokenizer(path, chat_format=...)) "
+                f"from {', '.join(CHAT_FORMATS)}"
             )
-        return CHAT_FORMATS[self.chat_format](messages, add_generation_prompt)
+        return self._render(messages, add_generation_prompt)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template) into `path`.
@@ -315,41 +215,44 @@ def _token_str(config: dict, key: str, source: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{source}: key {key!r} must be a string or {{'content': str}}, got {value!r:.80}")
+    raise UserError(f"{source}: key {key!r} must be a string or {{'content': str}}, got {value!r:.80}")
 
 
-def _chat_template(folder: Path, config: dict, source: str) -> str | None:
-    """chat_template.jinja wins over the config key (newer transformers saves it there); the key
-    may be a string or a list of {"name", "template"} from which we take "default"."""
+def _chat_template(folder: Path, config: dict, source: str) -> tuple[str | None, str]:
+    """(template text or None, the file it came from). chat_template.jinja wins over the config key
+    (newer transformers saves it there); the key may be a string or a list of {"name", "template"}
+    from which we take "default"."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return jinja.read_text(encoding="utf-8"), str(jinja)
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
-            raise ValueError(f"{source}: 'chat_template' is a list without a 'default' entry (has {sorted(named)})")
+            raise UserError(f"{source}: 'chat_template' is a list without a 'default' entry (has {sorted(named)})")
         template = named["default"]
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{source}: 'chat_template' must be a string or a list of {{name, template}}")
-    return template
+        raise UserError(f"{source}: 'chat_template' must be a string or a list of {{name, template}}")
+    return template, source
 
 
 def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> Tokenizer:
     """Load a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json, optional
-    chat_template.jinja and generation_config.json). `chat_format` overrides template detection."""
-    folder = Path(path)
+    chat_template.jinja and generation_config.json), or a Hub id `org/name` from the local
+    Hugging Face cache (minialign.hub). `chat_format` chooses the renderer: None or "auto",
+    a CHAT_FORMATS name, or "jinja" (see the module docstring)."""
+    folder = resolve_model_path(path)
     tok_file, cfg_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
     for f in (tok_file, cfg_file):
         if not f.is_file():
-            raise FileNotFoundError(f"tokenizer folder {folder}: missing {f.name}")
+            raise MissingFileError(f"tokenizer folder {folder}: missing {f.name}")
     backend = RustTokenizer.from_file(str(tok_file))
-    with open(cfg_file) as f:
+    with open(cfg_file, encoding="utf-8") as f:
         config = json.load(f)
     source = str(cfg_file)
     eos = _token_str(config, "eos_token", source)
     if eos is None:
-        raise ValueError(f"{source}: missing key 'eos_token'")
+        raise UserError(f"{source}: missing key 'eos_token'")
 
     extra_eos: list[int] = []
     gen_file = folder / "generation_config.json"
@@ -359,11 +262,11 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
         extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
 
     owned = ("eos_token", "pad_token", "bos_token", "chat_template")
+    template, template_source = _chat_template(folder, config, source)
     return Tokenizer(
         backend, eos_token=eos, pad_token=_token_str(config, "pad_token", source),
-        bos_token=_token_str(config, "bos_token", source),
-        chat_template=_chat_template(folder, config, source), chat_format=chat_format,
-        extra_eos_token_ids=tuple(extra_eos), source=source,
+        bos_token=_token_str(config, "bos_token", source), chat_template=template, chat_format=chat_format,
+        extra_eos_token_ids=tuple(extra_eos), source=source, template_source=template_source,
         config={k: v for k, v in config.items() if k not in owned},
     )
 

@@ -90,8 +90,8 @@ def test_bad_messages_and_unknown_template_are_clear_errors():
         CHAT_FORMATS["chatml"]([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
     with pytest.raises(ValueError, match=r"messages\[0\].*content"):
         CHAT_FORMATS["qwen3"]([{"role": "user", "content": None}])
-    with pytest.raises(ValueError, match=r"unrecognised chat template.*chat_format="):
-        detect_chat_format("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}")
+    # Not a family minialign writes in Python: no guess, the template goes to Jinja (test_chat_templates.py).
+    assert detect_chat_format("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}") is None
 
 
 # ------------------------------------------------------------------ the real Qwen3 tokenizer
@@ -166,8 +166,9 @@ def test_load_errors_name_file_and_key(tiny_tokenizer_dir, tmp_path):
         load_tokenizer(_copy(tiny_tokenizer_dir, tmp_path / "a", eos_token=None))
     with pytest.raises(ValueError, match="pad_token '<pad>' is not in"):
         load_tokenizer(_copy(tiny_tokenizer_dir, tmp_path / "b", pad_token="<pad>"))
-    with pytest.raises(ValueError, match=r"tokenizer_config.json.*chat_format="):
-        load_tokenizer(_copy(tiny_tokenizer_dir, tmp_path / "c", chat_template="{{ messages }}"))
+    # A template that never writes an answer's text leaves no end of turn to find.
+    with pytest.raises(ValueError, match=r"tokenizer_config.json.*does not write an assistant.*--chat_format"):
+        load_tokenizer(_copy(tiny_tokenizer_dir, tmp_path / "c", chat_template="{% for m in messages %}{{ m.role }}{% endfor %}"))
     with pytest.raises(ValueError, match="chat_format='llama3' is not one of"):
         load_tokenizer(tiny_tokenizer_dir, chat_format="llama3")
 
