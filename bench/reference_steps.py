@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from common import peak_memory_mb, serve_steps, sync
-from minialign.train import build_optimizer, learning_rate, move
+from minialign.collate import to_device as move
+from minialign.train import build_optimizer, learning_rate
 from minialign_steps import BETA, LR, MAX_GRAD_NORM, TOTAL_STEPS
 
 
