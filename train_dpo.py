@@ -21,9 +21,11 @@ from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
+from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
+from minialign.resume import full_model_state
 from minialign.run_folder import RunFolder
 from minialign.train import describe_setup, train
 
@@ -58,14 +60,18 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
     if args.loss_type == "simpo":
         return None
     ref_dir = resolve_model_path(args.ref_model, "--ref_model") if args.ref_model else args.model
-    ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
-    if dtype == "bf16":
-        hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
+    if args.fsdp:  # sharded too, stored in the compute dtype: 2 bytes per parameter / W under bf16 (fsdp.py)
+        ref_model = load_sharded(ref_dir, env, dtype, reward=False, frozen=True)
+    else:
+        ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
+        if dtype == "bf16":
+            hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
     if not args.precompute_ref:
-        return live_reference(ref_model)
+        return freeing_root_after(live_reference(ref_model), ref_model) if args.fsdp else live_reference(ref_model)
     cache_dir = args.ref_cache_dir or Path(args.output) / "ref_cache"
     settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
-                "truncation": args.truncation}
+                "truncation": args.truncation,
+                **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
     tables = {name: reference_table(ref_model, ref_dir, tokenizer, items, name, args.eval_batch_size or args.batch_size,
                                     dtype, settings, cache_dir, env)
               for name, items in (("train", train_items), ("eval", eval_items))}
@@ -89,9 +95,12 @@ def main(argv=None):
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
     # 2. Policy, and the frozen reference (none for SimPO).
-    policy = load_model(args.model, device=env.device)
+    if args.fsdp:
+        policy = load_sharded(args.model, env, dtype)
+    else:
+        policy = load_model(args.model, device=env.device)
+        broadcast_parameters(policy, env)
     policy.gradient_checkpointing = args.gradient_checkpointing
-    broadcast_parameters(policy, env)
     print0(env, describe_setup(policy, env, dtype))
     reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items)
 
@@ -102,11 +111,13 @@ def main(argv=None):
         args, objective="dpo", loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
         simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, ref_model=str(args.ref_model or args.model))}
     run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
+    grad_sync = FSDPGradSync(policy) if args.fsdp else GradReducer(policy, env, args.bucket_mb)
     eval_metrics, records = train(policy, objective, train_items, eval_items, train_config(args, dtype, settings), env,
-                                  tokenizer, GradReducer(policy, env, args.bucket_mb), run)
+                                  tokenizer, grad_sync, run)
+    weights = full_model_state(policy, env)  # on rank 0 (gathered from the shards under --fsdp)
     if env.is_main:
         save_dtype = checkpoint_dtype(policy.config) if args.save_dtype == "auto" else args.save_dtype
-        save_model(policy, run.path / "model", tokenizer, dtype=save_dtype)
+        save_model(policy, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
         plot_training_curves([(run.path.name, records)], run.path / "curves.png",
                              metrics=("loss", "rewards/accuracies", "rewards/margins"))
         print0(env, f"policy saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")

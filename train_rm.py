@@ -17,9 +17,11 @@ from minialign.cli import (ArgumentParser, add_training_args, check_training_arg
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.fsdp import FSDPGradSync, load_sharded
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
 from minialign.prepare import data_settings, prepare_pairs
+from minialign.resume import full_model_state
 from minialign.reward import reward_objective
 from minialign.run_folder import RunFolder
 from minialign.train import describe_setup, train
@@ -55,10 +57,14 @@ def main(argv=None):
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
     # 2. Model: the causal-LM backbone with a fresh scalar head (or a reward model to continue).
-    model = load_model(args.model, reward=True, device=env.device)
+    # The fresh head is random: every rank starts from rank 0's (broadcast, or scattered into shards).
+    if args.fsdp:
+        model = load_sharded(args.model, env, dtype, reward=True)
+    else:
+        model = load_model(args.model, reward=True, device=env.device)
+        broadcast_parameters(model, env)
     model.config.pad_token_id = tokenizer.pad_token_id  # written to config.json, as HF expects
     model.gradient_checkpointing = args.gradient_checkpointing
-    broadcast_parameters(model, env)  # the fresh head is random: every rank starts from rank 0's
     print0(env, describe_setup(model, env, dtype))
 
     # 3. Train, evaluate, save.
@@ -66,11 +72,13 @@ def main(argv=None):
     settings = {**data_settings(data), **run_settings(args, objective="bradley_terry", margin=args.margin,
                                                        center_rewards_coef=args.center_rewards_coef)}
     run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
+    grad_sync = FSDPGradSync(model) if args.fsdp else GradReducer(model, env, args.bucket_mb)
     eval_metrics, records = train(model, objective, train_items, eval_items, train_config(args, dtype, settings), env,
-                                  tokenizer, GradReducer(model, env, args.bucket_mb), run)
+                                  tokenizer, grad_sync, run)
+    weights = full_model_state(model, env)  # on rank 0 (gathered from the shards under --fsdp)
     if env.is_main:
         save_dtype = checkpoint_dtype(model.config) if args.save_dtype == "auto" else args.save_dtype
-        save_model(model, run.path / "model", tokenizer, dtype=save_dtype)
+        save_model(model, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
         plot_training_curves([(run.path.name, records)], run.path / "curves.png", metrics=("loss", "accuracy"))
         print0(env, f"reward model saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
     run.finish()

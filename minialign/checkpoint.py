@@ -189,11 +189,13 @@ def write_state_dict(state: dict[str, torch.Tensor], folder, max_shard_bytes=DEF
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None):
+def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None,
+                      state=None):
     """config.json, the safetensors weights (cast to `dtype` if given) and the tokenizer files,
-    written into `folder`."""
+    written into `folder`. state: the weights to write, by name (default: model.state_dict(); a
+    sharded model's are gathered first, resume.full_model_state)."""
     folder = Path(folder)
-    state = dict(model.state_dict())
+    state = dict(model.state_dict() if state is None else state)
     if isinstance(model, CausalLM) and model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # stored once, as the embedding (what transformers expects)
     dtype = parse_dtype(dtype) or next(model.parameters()).dtype
@@ -209,15 +211,16 @@ def write_model_files(model, folder, tokenizer=None, max_shard_bytes=DEFAULT_MAX
         tokenizer.save(folder)
 
 
-def save_model(model, path, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None):
+def save_model(model, path, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, dtype=None, state=None):
     """Save in Hugging Face layout (loadable by transformers' Auto classes), atomically.
 
     tokenizer: a minialign Tokenizer (its files are written) or a folder whose tokenizer files
     are copied alongside, so the checkpoint is self-contained. dtype: store the weights in this
-    dtype ("bf16", torch.bfloat16, ...); default: the model's own.
+    dtype ("bf16", torch.bfloat16, ...); default: the model's own. state: the weights by name,
+    when they are not model.state_dict() (a sharded model's, gathered: resume.full_model_state).
     """
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype)
+        write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype, state)
 
 
 def checkpoint_dtype(config: ModelConfig) -> str:

@@ -176,6 +176,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     r.add_argument("--log_every", type=non_negative_int, default=1, help="progress line every N steps (0: at the end)")
     r.add_argument("--eval_every", type=non_negative_int, default=0, help="evaluate every N steps (0: at the end)")
     r.add_argument("--bucket_mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size in MB")
+    r.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the ranks with torch's FSDP2, for models "
+                        "whose replicated copies do not fit (README: memory per GPU); --bucket_mb then does not apply")
     r.add_argument("--dist_timeout", type=positive_int, default=1800,
                    help="seconds before a collective that waits for a stuck rank fails")
     r.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")

@@ -105,8 +105,8 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> DistE
 
 
 def destroy_distributed(env: DistEnv) -> None:
-    """Leave the process group (no-op single process)."""
-    if env.world_size > 1 and dist.is_initialized():
+    """Leave the process group (no-op when none was started; --fsdp starts one even for one process)."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -141,11 +142,16 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     mine = eval_shard(len(items), env.rank, env.world_size)
     precision = autocast_context(dtype, env.device)
     start, last_print = time.time(), time.time()
-    for i in range(0, len(mine), batch_size):
+    # As many batches on every rank as the largest shard needs: a sharded reference (--fsdp)
+    # all-gathers inside each forward, so the ranks' forwards must pair up. A rank past its
+    # shard scores pair 0 and keeps nothing.
+    for i in range(0, math.ceil(len(items) / env.world_size), batch_size):
         idx = mine[i:i + batch_size]
-        batch = to_device(collate_pairs([items[j] for j in idx], pad_id), env.device)
+        batch = to_device(collate_pairs([items[j] for j in idx or [0]], pad_id), env.device)
         with precision:
             logps = concatenated_logps(ref_model, batch)[0]  # (2B,)
+        if not idx:
+            continue
         table[idx] = torch.stack(logps.double().chunk(2), dim=-1)
         done = min(i + batch_size, len(mine))
         if time.time() - last_print > PROGRESS_EVERY_S and done < len(mine):

@@ -15,6 +15,11 @@ back to an older one, saying so, when the newest is damaged), checks that the se
 must not change did not, and sends the step, the weights and the optimizer state to every
 rank. Ranks whose disks do not hold the checkpoint (several machines without a shared file
 system) thus resume from the same step as rank 0, never silently from scratch.
+
+A sharded model (--fsdp, fsdp.py) takes the same files: `full_model_state` and
+`full_optimizer_tensors` gather its full state to rank 0 for writing, and `load_full_state`
+scatters rank 0's back into the shards. So a checkpoint written with --fsdp resumes without it,
+and the other way round.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import atomic_directory, read_state_dict, save_tensors, write_model_files
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
 from .errors import UserError
+from .fsdp import gather_model_state, gather_optimizer_state, is_sharded, scatter_state
 from .run_folder import RunFolder
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -36,23 +42,27 @@ ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
     """AdamW state keyed by parameter name: '<name>.exp_avg', '<name>.exp_avg_sq', '<name>.step'."""
+    by_name = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
+    return flatten_adamw_state(by_name)
+
+
+def flatten_adamw_state(by_name: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """{param name: {key: value}} -> {'<name>.<key>': tensor}, on the CPU: the file's layout."""
     out = {}
-    for name, p in model.named_parameters():
-        for key, value in optimizer.state.get(p, {}).items():
+    for name, fields in by_name.items():
+        for key, value in fields.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
             out[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
     return out
 
 
-def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor], source) -> None:
-    """Restore AdamW's state through torch's own Optimizer.load_state_dict, which puts every
-    tensor where the optimizer needs it (moments on the parameter's device and dtype; `step` on
-    the parameter's device for the fused and capturable kernels, on the CPU otherwise)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-    state = {}
-    for i, p in enumerate(order):
-        name = names[id(p)]
+def adamw_state_by_name(model, tensors: dict[str, torch.Tensor], source) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors regrouped as {param name: {"step", "exp_avg", "exp_avg_sq"}}, every
+    trained parameter present and shaped like its parameter (a UserError naming the file if not)."""
+    by_name = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         missing = [k for k in ADAMW_STATE if f"{name}.{k}" not in tensors]
         if missing:
             raise UserError(f"{source}: no optimizer state '{name}.{missing[0]}' (the file is incomplete or from "
@@ -62,8 +72,59 @@ def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor], s
             if fields[k].shape != p.shape:
                 raise UserError(f"{source}: optimizer state '{name}.{k}' has shape {tuple(fields[k].shape)}, "
                                 f"the parameter {tuple(p.shape)}")
-        state[i] = fields
+        by_name[name] = fields
+    return by_name
+
+
+def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor], source) -> None:
+    """Restore AdamW's state through torch's own Optimizer.load_state_dict, which puts every
+    tensor where the optimizer needs it (moments on the parameter's device and dtype; `step` on
+    the parameter's device for the fused and capturable kernels, on the CPU otherwise)."""
+    by_name = adamw_state_by_name(model, tensors, source)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    state = {i: by_name[names[id(p)]] for i, p in enumerate(order)}
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def full_model_state(model, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """The model's full weights by name on rank 0, None on the other ranks: its own state_dict,
+    or, sharded, gathered from every rank (then every rank must call this: a collective)."""
+    if is_sharded(model):
+        state = gather_model_state(model)
+        return state if env.is_main else None
+    return model.state_dict() if env.is_main else None
+
+
+def full_optimizer_tensors(model, optimizer, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """AdamW's full state in the file's layout (optimizer_tensors) on rank 0, None elsewhere;
+    gathered from every rank when the model is sharded (a collective)."""
+    if is_sharded(model):
+        by_name = gather_optimizer_state(model, optimizer)
+        return flatten_adamw_state(by_name) if env.is_main else None
+    return optimizer_tensors(model, optimizer) if env.is_main else None
+
+
+def load_full_state(model, optimizer, weights: dict | None, optim: dict | None, source, env: DistEnv) -> None:
+    """Rank 0's full weights and optimizer tensors (None on the other ranks) into every rank's
+    model and optimizer. Replicated: broadcast whole, then loaded on each rank. Sharded: rank 0
+    checks them, then each tensor is broadcast in turn and every rank keeps its shard (fsdp.py)."""
+    source = Path(source)
+    if not is_sharded(model):
+        load_weights(model, broadcast_tensors(weights, env), source)
+        load_optimizer_tensors(model, optimizer, broadcast_tensors(optim, env), source / OPTIMIZER_FILE)
+        return
+    adamw, refusal = None, None
+    if env.is_main:
+        try:
+            weights = checked_weights(model, weights, source)
+            adamw = adamw_state_by_name(model, optim, source / OPTIMIZER_FILE)
+        except UserError as e:
+            refusal = str(e)
+    refusal = broadcast_object(refusal, env)
+    if refusal:
+        raise UserError(refusal)
+    scatter_state(model, optimizer, weights, adamw)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -87,11 +148,12 @@ def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokeni
                              env: DistEnv) -> None:
     """Write checkpoint `step` (rank 0), point `latest` at it and prune this run's older ones; all
     ranks wait until it is on disk."""
+    weights, optim = full_model_state(model, env), full_optimizer_tensors(model, optimizer, env)
     if env.is_main:
         name = f"step-{step:06d}"
         with atomic_directory(run.checkpoints / name) as tmp:
-            write_model_files(model, tmp, tokenizer)
-            save_tensors(optimizer_tensors(model, optimizer), tmp / OPTIMIZER_FILE)
+            write_model_files(model, tmp, tokenizer, state=weights)
+            save_tensors(optim, tmp / OPTIMIZER_FILE)
             state = {"step": step, "run_id": run.run_id, "settings": settings, "rng": rng_state(env.device)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         run.add_checkpoint(name, keep)
@@ -164,18 +226,15 @@ def load_training_checkpoint(run: RunFolder, model, optimizer, settings: dict, a
     if header is None:
         return None
     folder, state = header
-    weights = broadcast_tensors(weights, env)
-    optim = broadcast_tensors(optim, env)
-    load_weights(model, weights, folder)
-    load_optimizer_tensors(model, optimizer, optim, Path(folder) / OPTIMIZER_FILE)
+    load_full_state(model, optimizer, weights, optim, folder, env)
     restore_rng(state["rng"], env.device)
     print0(env, f"resuming from {folder}")
     return state["step"]
 
 
-@torch.no_grad()
-def load_weights(model, weights: dict[str, torch.Tensor], source) -> None:
-    """Copy checkpoint tensors into the model in place; names, shapes and dtypes must match."""
+def checked_weights(model, weights: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against the model's names, shapes and dtypes (a
+    UserError naming the tensor if one differs); a tied head gets the embedding's tensor."""
     own = model.state_dict()
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in weights and not (k == "lm_head.weight" and tied)]
@@ -188,4 +247,14 @@ def load_weights(model, weights: dict[str, torch.Tensor], source) -> None:
         if w.shape != v.shape or w.dtype != v.dtype:
             raise UserError(f"{source}: tensor '{k}' is {tuple(w.shape)} {w.dtype}, the model's is "
                             f"{tuple(v.shape)} {v.dtype}")
-        v.copy_(w)
+    if "lm_head.weight" in own and "lm_head.weight" not in weights:
+        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}  # saved once when tied
+    return {k: weights[k] for k in own}
+
+
+@torch.no_grad()
+def load_weights(model, weights: dict[str, torch.Tensor], source) -> None:
+    """Copy checkpoint tensors into the model in place; names, shapes and dtypes must match."""
+    own = model.state_dict()
+    for k, w in checked_weights(model, weights, source).items():
+        own[k].copy_(w)

@@ -33,6 +33,7 @@ import torch
 from .collate import collate_pairs, to_device
 from .distributed import DistEnv, all_reduce_max, all_reduce_sums, barrier, print0
 from .errors import UserError
+from .fsdp import is_sharded, local_value
 from .objective import Objective
 from .precision import autocast_context
 from .resume import load_training_checkpoint, save_training_checkpoint
@@ -74,12 +75,13 @@ def build_optimizer(model, lr: float, weight_decay: float):
     The fused implementation updates each tensor in one pass, without parameter-sized
     temporaries. With a 152k-token vocabulary the embedding is a quarter of a 0.5B model, and
     on CPU the default per-tensor loop took ~1.8 s of a ~4.5 s reward-model step at the
-    Qwen2.5-0.5B shape with 4 layers; fused takes ~0.35 s and 1 GB less peak memory (bench/)."""
+    Qwen2.5-0.5B shape with 4 layers; fused takes ~0.35 s and 1 GB less peak memory (bench/).
+    FSDP's sharded parameters (DTensors) take the fused kernel too: each rank updates its shards
+    (tests/test_fsdp.py checks the result against one process)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor
-                for p in params)  # sharded (DTensor) parameters take the default implementation
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -127,10 +129,14 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     collate.TokenizedPair lists; grad_sync is distributed.GradReducer (or FSDP's); run is the
     claimed run folder (run_folder.py)."""
     optimizer = optimizer or build_optimizer(model, cfg.lr, cfg.weight_decay)
-    precision = autocast_context(cfg.dtype, env.device)
+    # Sharded, FSDP's MixedPrecisionPolicy computes in bf16 already: autocast on top would keep a
+    # bf16 copy of every gathered weight until backward (fsdp.py).
+    precision = autocast_context("fp32" if is_sharded(model) else cfg.dtype, env.device)
     plan = StepPlan(len(train_items), cfg, env, [it.length for it in train_items] if cfg.group_by_length else None)
     print0(env, plan.describe(train_items))
     step = resume_if_asked(run, model, optimizer, cfg, plan, env)
+    # From here on each record's peak_memory_mb is the peak of its own phase (a step, an eval).
+    print0(env, f"setup peak memory {phase_peak_mb(env):.0f} MB (loading, reference, resume; max over ranks)")
     log = MetricsLog(run.path, env.is_main, resume_step=step if cfg.resume else None)
     clock = Clock(step, plan.total)
     eval_metrics = None
@@ -145,19 +151,20 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
         step += 1
         record = {"step": step, "split": "train", **objective.summarize(sums), "lr": lr,
                   "grad_norm": sums["grad_norm"], "epoch": step / plan.steps_per_epoch, **clock.tick(step, sums["tokens"]),
-                  "peak_memory_mb": all_reduce_max(peak_memory_mb(env.device), env)}
+                  "peak_memory_mb": phase_peak_mb(env)}
         log.write(record)
         if (cfg.log_every and step % cfg.log_every == 0) or step == plan.total:
             print0(env, progress_line(record, objective.headline, plan.total, clock))
         if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < plan.total:
             eval_metrics = evaluate(model, objective, eval_items, cfg, env, tokenizer.pad_token_id, precision)
-            log.write({"step": step, "split": "eval", **eval_metrics})
+            log.write({"step": step, "split": "eval", **eval_metrics, "peak_memory_mb": phase_peak_mb(env)})
             print0(env, "eval  " + format_metrics(eval_metrics))
         if cfg.save_every and step % cfg.save_every == 0 and step < plan.total:
             save_checkpoint(run, step, model, optimizer, tokenizer, cfg, plan, env)
+            phase_peak_mb(env)  # the save's peak (a sharded model's state gathered to rank 0) is not the next step's
     if eval_items:
         eval_metrics = evaluate(model, objective, eval_items, cfg, env, tokenizer.pad_token_id, precision)
-        log.write({"step": step, "split": "eval", **eval_metrics})
+        log.write({"step": step, "split": "eval", **eval_metrics, "peak_memory_mb": phase_peak_mb(env)})
         print0(env, "final eval  " + format_metrics(eval_metrics))
     return eval_metrics, log.records
 
@@ -220,12 +227,15 @@ def evaluate(model, objective: Objective, items, cfg: TrainConfig, env: DistEnv,
     model.eval()
     mine = eval_shard(len(items), env.rank, env.world_size)
     bs = cfg.eval_batch_size or cfg.batch_size
-    # A rank with no eval pair (fewer pairs than ranks) scores pair 0 with weight 0, so that
-    # every rank reduces the same metric names in the same collectives.
-    weight = 1.0 if mine else 0.0
+    # Every rank runs as many batches as the largest shard needs (a sharded model all-gathers inside
+    # each forward, so the ranks' forwards must pair up); a batch with no pair of this rank's
+    # scores pair 0 with weight 0, so that every rank also reduces the same metric names.
+    largest_shard = math.ceil(len(items) / env.world_size)
     sums: dict = {}
-    for start in range(0, max(len(mine), 1), bs):
-        batch = make_batch(items, mine[start:start + bs] or [0], pad_id, "eval", env.device)
+    for start in range(0, max(largest_shard, 1), bs):
+        ids = mine[start:start + bs]
+        weight = 1.0 if ids else 0.0
+        batch = make_batch(items, ids or [0], pad_id, "eval", env.device)
         with precision:
             losses, metric_sums = objective.loss(model, batch)
         accumulate(sums, {k: weight * v for k, v in {"loss": losses.sum(), **metric_sums}.items()})
@@ -243,6 +253,7 @@ def accumulate(sums: dict, values: dict):
 def as_floats(sums: dict) -> dict[str, float]:
     """Accumulated sums as Python floats, fetched from the device in one transfer."""
     keys = sorted(sums)
+    sums = {k: local_value(v) for k, v in sums.items()}  # FSDP's gradient norm is a replicated DTensor
     device = next((v.device for v in sums.values() if torch.is_tensor(v)), "cpu")
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
     return dict(zip(keys, values.tolist()))
@@ -276,20 +287,40 @@ def nonfinite_message(what: str, step: int, run: RunFolder) -> str:
 
 def describe_setup(model, env: DistEnv, dtype: str) -> str:
     """The start-up line: where the run runs, on what, in which precision."""
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())  # a sharded parameter counts its full size
     cfg = model.config
     ranks = f"{env.world_size} ranks ({'nccl' if env.device.type == 'cuda' else 'gloo'})" if env.world_size > 1 else "1 process"
-    return (f"{type(model).__name__} {cfg.model_type}, {cfg.num_hidden_layers} layers, {n:,} parameters | "
-            f"device {env.device.type}, {ranks} | dtype {dtype}"
-            f"{' (autocast; fp32 master weights)' if dtype == 'bf16' else ''} | "
-            f"memory after loading {peak_memory_mb(env.device):.0f} MB")
+    sharded = is_sharded(model)
+    precision = {(False, "bf16"): " (autocast; fp32 master weights)",
+                 (True, "bf16"): " (gathered in bf16; fp32 master shards)"}.get((sharded, dtype), "")
+    return (f"{type(model).__name__.removeprefix('FSDP')} {cfg.model_type}, {cfg.num_hidden_layers} layers, "
+            f"{n:,} parameters | device {env.device.type}, {ranks}{', FSDP2 sharded' if sharded else ''} | "
+            f"dtype {dtype}{precision} | memory after loading {peak_memory_mb(env.device):.0f} MB")
 
 
-def peak_memory_mb(device) -> float:
-    """Peak memory of this process: the CUDA allocator's peak, or on CPU the peak resident set."""
+CLEAR_PEAK_RSS = "/proc/self/clear_refs"  # writing "5" here resets Linux's peak resident set of this process
+
+
+def peak_memory_mb(device, reset: bool = False) -> float:
+    """Peak memory of this process since the last reset: the CUDA allocator's peak, or on CPU the
+    peak resident set (reset through /proc on Linux; elsewhere it stays the peak since the start)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if reset:
+        try:
+            Path(CLEAR_PEAK_RSS).write_text("5")
+        except OSError:
+            pass
+    return peak
+
+
+def phase_peak_mb(env: DistEnv) -> float:
+    """The peak since the previous call, max over ranks (the rank closest to its limit); resets it."""
+    return all_reduce_max(peak_memory_mb(env.device, reset=True), env)
 
 
 class Clock:
