@@ -110,7 +110,8 @@ class Probes:
 
     def grad_bytes(self) -> int:
         """The gradients' own bytes (numel x element size), wherever they are stored."""
-        return sum(local(p.grad).numel() * p.grad.element_size() for p in self.policy.parameters() if p.grad is not None)
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        return sum(local(g).numel() * g.element_size() for g in grads)
 
     def at_optimizer_step(self):
         if not self.armed:

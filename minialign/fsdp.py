@@ -178,5 +178,5 @@ def local_value(x):
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-__all__ = ["is_sharded", "shard", "load_sharded", "freeing_root_after", "FSDPGradSync", "gather_model_state", "gather_optimizer_state",
-           "scatter_state", "local_value", "mixed_precision", "ensure_process_group"]
+__all__ = ["is_sharded", "shard", "load_sharded", "freeing_root_after", "FSDPGradSync", "gather_model_state",
+           "gather_optimizer_state", "scatter_state", "local_value", "mixed_precision", "ensure_process_group"]
