@@ -19,7 +19,8 @@ from minialign.cli import (ArgumentParser, add_training_args, check_training_arg
                            non_negative_float, positive_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
-from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.reducer import GradReducer
 from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16

@@ -16,7 +16,8 @@ from minialign.cli import (ArgumentParser, add_training_args, check_training_arg
                            non_negative_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
-from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.reducer import GradReducer
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
 from minialign.prepare import data_settings, prepare_pairs

@@ -1,5 +1,5 @@
 """How much of the gradient all-reduce hides behind backward: 2 gloo ranks on CPU,
-minialign.distributed.GradReducer with overlap=True against overlap=False.
+minialign.reducer.GradReducer with overlap=True against overlap=False.
 
     python bench/bench_allreduce.py            # small shape and the Qwen2.5-0.5B shape with 4 layers
     python bench/bench_allreduce.py --quick    # small shape only
@@ -38,7 +38,8 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed
+    from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
+    from minialign.reducer import InstrumentedGradReducer
     from minialign.config import ModelConfig
     from minialign.model import RewardModel
 
@@ -52,7 +53,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, queue):
     results = {True: {"wait": [], "backward": [], "in_backward": 0}, False: {"wait": [], "backward": [], "in_backward": 0}}
     for r in range(rounds + 1):  # round 0 warms up
         for overlap in (True, False) if r % 2 == 0 else (False, True):
-            reducer = GradReducer(model, env, bucket_mb=bucket_mb, overlap=overlap, timing=True)
+            reducer = InstrumentedGradReducer(model, env, bucket_mb=bucket_mb, overlap=overlap, timing=True)
             for _ in range(steps):
                 rewards = model(batch["input_ids"], batch["attention_mask"])
                 loss = -torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:]).mean()
@@ -60,7 +61,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, queue):
                 loss.backward()
                 backward_s = time.perf_counter() - t
                 reducer.wait()
-                model.zero_grad(set_to_none=True)
+                reducer.zero_grad()
                 if r > 0:
                     results[overlap]["wait"].append(reducer.last_wait_s)
                     results[overlap]["backward"].append(backward_s)

@@ -96,7 +96,7 @@ def train_step(model, objective: Objective, micro_batches: list[dict], optimizer
                max_grad_norm: float, precision, env: DistEnv) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches (the module docstring's pseudo-code).
 
-    grad_sync is the gradient synchronisation (distributed.GradReducer, or FSDP's); returns the
+    grad_sync is the gradient synchronisation (reducer.GradReducer, or FSDP's); returns the
     metric sums over the global batch, with the gradient norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -124,7 +124,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
           grad_sync, run: RunFolder, optimizer=None) -> tuple[dict | None, list[dict]]:
     """Train for cfg's steps, evaluating and checkpointing as configured; returns the final eval
     metrics (None without eval pairs) and every logged record. train_items / eval_items are
-    collate.TokenizedPair lists; grad_sync is distributed.GradReducer (or FSDP's); run is the
+    collate.TokenizedPair lists; grad_sync is reducer.GradReducer (or FSDP's); run is the
     claimed run folder (run_folder.py)."""
     optimizer = optimizer or build_optimizer(model, cfg.lr, cfg.weight_decay)
     precision = autocast_context(cfg.dtype, env.device)
