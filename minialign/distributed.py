@@ -150,6 +150,15 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's picklable object, in rank order, on every rank (small things only)."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, env: DistEnv) -> dict[str, torch.Tensor]:
     """Rank 0's {name: tensor} on every rank, on env.device (the other ranks pass None).
 
@@ -189,5 +198,5 @@ def broadcast_parameters(model: nn.Module, env: DistEnv) -> None:
 
 __all__ = [
     "DistEnv", "init_distributed", "destroy_distributed", "barrier", "print0", "all_reduce_sums",
-    "all_reduce_max", "broadcast_object", "broadcast_tensors", "broadcast_parameters",
+    "all_reduce_max", "broadcast_object", "gather_objects", "broadcast_tensors", "broadcast_parameters",
 ]

@@ -186,7 +186,6 @@ class GradReducer:
                 p.grad = bucket.grad_view(j)
         self.launched = 0
 
-
     def remove(self) -> None:
         """Unregister the hooks and drop the gradients (the model can get another reducer)."""
         for h in self.hooks:
