@@ -27,6 +27,8 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
+from .errors import MissingFileError, UserError, read_json
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
 
@@ -196,7 +198,7 @@ def detect_chat_format(template: str, source: str = "chat_template") -> str:
         return "qwen2"
     if _normalise(template) == _normalise(CHATML_TEMPLATE):
         return "chatml"
-    raise ValueError(
+    raise UserError(
         f"unrecognised chat template in {source} (starts {template[:60]!r}); minialign renders only "
         f"{sorted(CHAT_FORMATS)} in plain Python. If this model uses one of them, choose it "
         f"explicitly with load_tokenizer(path, chat_format=...)"
@@ -228,7 +230,7 @@ class Tokenizer:
         if chat_format is None and chat_template is not None:
             chat_format = detect_chat_format(chat_template, source)
         if chat_format is not None and chat_format not in CHAT_FORMATS:
-            raise ValueError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
+            raise UserError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
         self.chat_format = chat_format
         self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.config = dict(config or {})  # other tokenizer_config.json keys, written back by save()
@@ -237,7 +239,7 @@ class Tokenizer:
         self.bos_token_id = None if bos_token is None else self._id_of(bos_token, "bos_token")
         self.end_of_turn_token_id = backend.token_to_id(IM_END)
         if chat_format is not None and self.end_of_turn_token_id is None:
-            raise ValueError(f"{source}: chat format {chat_format!r} needs {IM_END!r} in the vocabulary")
+            raise UserError(f"{source}: chat format {chat_format!r} needs {IM_END!r} in the vocabulary")
         endoftext_id = backend.token_to_id(ENDOFTEXT)
 
         ids = [self.end_of_turn_token_id, endoftext_id] if chat_format is not None else []
@@ -251,7 +253,7 @@ class Tokenizer:
     def _id_of(self, token: str, key: str) -> int:
         i = self.backend.token_to_id(token)
         if i is None:
-            raise ValueError(f"{self.source}: {key} {token!r} is not in tokenizer.json's vocabulary")
+            raise UserError(f"{self.source}: {key} {token!r} is not in tokenizer.json's vocabulary")
         return i
 
     @property
@@ -283,7 +285,7 @@ class Tokenizer:
         """messages [{"role", "content"}, ...] -> the prompt string the model was trained on.
         With add_generation_prompt, the string ends where the assistant's answer begins."""
         if self.chat_format is None:
-            raise ValueError(
+            raise UserError(
                 f"{self.source}: no chat template (neither 'chat_template' in tokenizer_config.json nor "
                 f"chat_template.jinja); choose one with load_tokenizer(path, chat_format=...) "
                 f"from {sorted(CHAT_FORMATS)}"
@@ -315,7 +317,7 @@ def _token_str(config: dict, key: str, source: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{source}: key {key!r} must be a string or {{'content': str}}, got {value!r:.80}")
+    raise UserError(f"{source}: key {key!r} must be a string or {{'content': str}}, got {value!r:.80}")
 
 
 def _chat_template(folder: Path, config: dict, source: str) -> str | None:
@@ -328,10 +330,10 @@ def _chat_template(folder: Path, config: dict, source: str) -> str | None:
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
-            raise ValueError(f"{source}: 'chat_template' is a list without a 'default' entry (has {sorted(named)})")
+            raise UserError(f"{source}: 'chat_template' is a list without a 'default' entry (has {sorted(named)})")
         template = named["default"]
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{source}: 'chat_template' must be a string or a list of {{name, template}}")
+        raise UserError(f"{source}: 'chat_template' must be a string or a list of {{name, template}}")
     return template
 
 
@@ -342,20 +344,24 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     tok_file, cfg_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
     for f in (tok_file, cfg_file):
         if not f.is_file():
-            raise FileNotFoundError(f"tokenizer folder {folder}: missing {f.name}")
-    backend = RustTokenizer.from_file(str(tok_file))
-    with open(cfg_file) as f:
-        config = json.load(f)
+            raise MissingFileError(f"tokenizer folder {folder}: missing {f.name}")
+    try:
+        backend = RustTokenizer.from_file(str(tok_file))
+    except Exception as e:  # the Rust library raises a plain Exception for any unreadable file
+        raise UserError(f"{tok_file}: not a readable tokenizer file ({e})") from None
+    config = read_json(cfg_file, "the tokenizer's settings")
     source = str(cfg_file)
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: expected a JSON object of settings, got {type(config).__name__}")
     eos = _token_str(config, "eos_token", source)
     if eos is None:
-        raise ValueError(f"{source}: missing key 'eos_token'")
+        raise UserError(f"{source}: missing key 'eos_token'")
 
     extra_eos: list[int] = []
     gen_file = folder / "generation_config.json"
     if gen_file.is_file():
-        with open(gen_file) as f:
-            gen_eos = json.load(f).get("eos_token_id")
+        generation = read_json(gen_file, "the model's generation settings")
+        gen_eos = generation.get("eos_token_id") if isinstance(generation, dict) else None
         extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
 
     owned = ("eos_token", "pad_token", "bos_token", "chat_template")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minialign.errors import MissingFileError, UserError
 from minialign.data import FORMATS, PreferencePair, load_preferences, prompts_view, split_by_prompt
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -272,7 +273,8 @@ def test_split_by_prompt_disjoint_and_deterministic():
     assert len({p.prompt[0]["content"] for p in by_size}) == 2              # eval_size counts prompts
     with pytest.raises(ValueError, match="exactly one"):
         split_by_prompt(pairs)
-    with pytest.raises(ValueError, match="eval_size"):
+    # The message speaks of prompts and flags, not of the Python argument (issue 16).
+    with pytest.raises(UserError, match="cannot hold out 20 of the data's 20 distinct prompt.*--eval_data"):
         split_by_prompt(pairs, eval_size=20)
 
 
