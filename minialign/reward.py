@@ -50,7 +50,11 @@ def reward_objective(center_rewards_coef: float = 0.0, margin: float | None = No
 def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None) -> list[int]:
     """Token ids of prompt + assistant response, ending at the response's <|im_end|> (as in training).
 
-    Too long: the start of the conversation is cut, since the reward is read at the end."""
+    Truncation, the trainer's policy: the reward is read at the last token, which must always be
+    the end-of-turn token, so a conversation longer than max_length loses the START of its prompt
+    (the oldest turns, the system prompt first), never the end of the answer. Only an answer that
+    alone is longer than max_length loses its own start too. An answer that stopped without an
+    end-of-turn token (cut at max_new_tokens) gets the template's <|im_end|> like any other."""
     text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}])
     ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_token_id)
     return ids[-max_length:] if max_length else ids
