@@ -102,6 +102,8 @@ def load_slot(path, flag: str, args, env):
 
 def output_folder(path, env) -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
     if env.is_main:  # rank 0 alone writes
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,12 @@ from .checkpoint import inspect_checkpoint
 from .config import ModelConfig
 from .errors import UserError
 
-# A conversation rendered by both tokenizers to compare their chat formats: a system turn, a
-# finished exchange and an open user turn exercise every rule the supported templates have.
-PROBE_CONVERSATION = [
-    {"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-]
+# Conversations rendered by both tokenizers to compare their chat formats: with and without a
+# system turn (templates differ in the default system prompt they add), a finished exchange and
+# an open user turn exercise every rule the supported templates have.
+EXCHANGE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"}]
+PROBE_CONVERSATIONS = (EXCHANGE, [{"role": "system", "content": "S"}] + EXCHANGE)
 # The parts of tokenizer.json that decide which ids a text becomes (not runtime padding or truncation).
 ENCODING_SECTIONS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 
@@ -72,17 +72,17 @@ def _encoding_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _rendered_probe(tokenizer) -> str:
+def _rendered_probes(tokenizer) -> list[str]:
     try:
-        return tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True)
+        return [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in PROBE_CONVERSATIONS]
     except ValueError:  # no chat template: its absence is itself part of the signature
-        return "(no chat template)"
+        return ["(no chat template)"]
 
 
 def tokenizer_signature(tokenizer) -> dict:
     """What must agree for token ids to mean the same under two tokenizers: the vocabulary (size and a
     hash of vocabulary, merges, added tokens and pre-tokenization), the ids of the special tokens a
-    sequence is built around, and the chat format (a probe conversation, rendered). The pad id is
+    sequence is built around, and the chat format (probe conversations, rendered). The pad id is
     left out: padding is masked, so any id serves."""
     return {
         "vocabulary size": tokenizer.vocab_size,
@@ -90,7 +90,7 @@ def tokenizer_signature(tokenizer) -> dict:
         "end-of-sequence ids": list(tokenizer.eos_token_ids),
         "end-of-turn id": tokenizer.end_of_turn_token_id,
         "bos id": tokenizer.bos_token_id,
-        "chat format (a probe conversation rendered)": _rendered_probe(tokenizer),
+        "chat format (probe conversations rendered)": _rendered_probes(tokenizer),
     }
 
 
