@@ -352,7 +352,7 @@ def test_labels_only_ascii_digits(tmp_path):
     ("deep.json", b"[" * 100_000 + b"]" * 100_000, "deep.json: not valid JSON"),
     ("unknown.jsonl", b'{"text": "x"}\n', r"unknown.jsonl, line 1: cannot detect .*align_anything: question, "
                                            r"response_1.*hh_rlhf: chosen, rejected.*--data_format"),
-])
+], ids=["missing", "not gzip", "truncated jsonl.gz", "truncated json.gz", "nested too deeply", "unknown format"])
 def test_damaged_files_are_one_user_error_naming_the_file(tmp_path, name, content, message):
     path = tmp_path / name
     if content == "truncated-jsonl":
