@@ -224,8 +224,8 @@ def prompt_ids_kept_end(tokenizer, prompts, max_prompt_length: int) -> tuple[lis
 
 
 def generate_answers(model_dir, flag, tokenizer, prompt_ids, args, env, label) -> Generation:
-    """Load one causal LM, answer every prompt (this rank's batches of them), free the model (base
-    and policy never coexist). Row i is seeded row_seeds(seed)[i], the same for both models."""
+    """Load one causal LM and answer every prompt (this rank's batches of them); the model is freed
+    on return, so base and policy never coexist. Row i is seeded row_seeds(seed)[i] for both models."""
     model = load_slot(model_dir, flag, args, env)
 
     def answer(idx):
@@ -235,7 +235,6 @@ def generate_answers(model_dir, flag, tokenizer, prompt_ids, args, env, label) -
         return [(tokenizer.decode(t, skip_special_tokens=True), t, f) for t, f in zip(out, finished)]
 
     rows = map_batches(answer, len(prompt_ids), args.batch_size, env, label, "answers")
-    del model
     texts, token_ids, finished = (list(column) for column in zip(*rows))
     return Generation(texts, token_ids, finished, prompt_ids)
 
