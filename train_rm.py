@@ -12,6 +12,7 @@ import torch
 
 from minialign import load_model, load_tokenizer, save_model
 from minialign.checkpoint import checkpoint_dtype
+from minialign.compat import check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
@@ -57,6 +58,7 @@ def main(argv=None):
 
     # 2. Model: the causal-LM backbone with a fresh scalar head (or a reward model to continue).
     model = load_model(args.model, reward=True, device=env.device)
+    check_tokenizer_fits(model.config, tokenizer, args.model)  # every token id has an embedding row
     model.config.pad_token_id = tokenizer.pad_token_id  # written to config.json, as HF expects
     model.gradient_checkpointing = args.gradient_checkpointing
     broadcast_parameters(model, env)  # the fresh head is random: every rank starts from rank 0's

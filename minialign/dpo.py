@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from .logprobs import sequence_logprobs_from_hidden
 from .losses import dpo_loss, simpo_loss
 from .objective import Objective, mean_metrics, preference_sums
 from .precision import autocast_context
+from .progress import Progress
 from .sampler import eval_shard
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
@@ -39,7 +39,6 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 # a time and recomputed in backward. Otherwise its (N, V) logits would outweigh the checkpointed
 # layers: 1024 scored positions x V = 152k in fp32 are 622 MB per copy, and backward holds ~3.
 CHECKPOINT_LOGITS_CHUNK = 256
-PROGRESS_EVERY_S = 10.0  # a progress line at most this often during the reference precomputation
 
 
 def concatenated_logps(model, batch):
@@ -140,19 +139,14 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     table = torch.zeros(len(items), 2, dtype=torch.float64, device=env.device)
     mine = eval_shard(len(items), env.rank, env.world_size)
     precision = autocast_context(dtype, env.device)
-    start, last_print = time.time(), time.time()
+    progress = Progress(f"reference log-probs for {name} (rank 0's share)", len(mine), "pairs", env.is_main)
     for i in range(0, len(mine), batch_size):
         idx = mine[i:i + batch_size]
         batch = to_device(collate_pairs([items[j] for j in idx], pad_id), env.device)
         with precision:
             logps = concatenated_logps(ref_model, batch)[0]  # (2B,)
         table[idx] = torch.stack(logps.double().chunk(2), dim=-1)
-        done = min(i + batch_size, len(mine))
-        if time.time() - last_print > PROGRESS_EVERY_S and done < len(mine):
-            elapsed = time.time() - start
-            print0(env, f"reference log-probs for {name}: {done}/{len(mine)} pairs (rank 0), "
-                        f"{elapsed:.0f}s elapsed, ETA {elapsed / done * (len(mine) - done):.0f}s")
-            last_print = time.time()
+        progress.advance(len(idx))
     if env.world_size > 1:
         torch.distributed.all_reduce(table)
     return table.float().cpu()

@@ -35,6 +35,7 @@ from .distributed import DistEnv, all_reduce_max, all_reduce_sums, barrier, prin
 from .errors import UserError
 from .objective import Objective
 from .precision import autocast_context
+from .progress import format_duration
 from .resume import load_training_checkpoint, save_training_checkpoint
 from .run_folder import RunFolder
 from .sampler import eval_shard, global_batches, padding_fraction, rank_micro_batches
@@ -307,12 +308,6 @@ class Clock:
         return out
 
 
-def fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -320,7 +315,7 @@ def format_metrics(metrics: dict) -> str:
 def progress_line(record: dict, headline, total: int, clock: Clock) -> str:
     heads = " | ".join(f"{k} {record[k]:.4f}" for k in headline if k in record)
     return (f"step {record['step']}/{total} | {heads} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
-            f" | {fmt_time(record['elapsed_s'])} elapsed | ETA {fmt_time(record['eta_s'])}")
+            f" | {format_duration(record['elapsed_s'])} elapsed | ETA {format_duration(record['eta_s'])}")
 
 
 class MetricsLog:
