@@ -7,68 +7,122 @@
 
 rm:       accuracy of a reward model on preference pairs (95% bootstrap interval, ties apart),
           margins, reward statistics, length bias -> summary.json, pairs.json, rm_eval.png.
-dpo:      base and policy answer the same prompts (same seed), --samples_per_prompt times each;
-          the reward model scores every answer; win rate and reward gain per prompt (on the mean
-          reward of its answers), stop rate, length and repetition of both -> summary.json,
+dpo:      base and policy answer the same prompts (the same seed per prompt), --samples_per_prompt
+          times each; the reward model scores every answer; win rate and reward gain per prompt (on
+          the mean reward of its answers), stop rate, length and repetition of both -> summary.json,
           generations.json, dpo_eval.png, report.md (with the largest gains and losses).
 implicit: accuracy of DPO's implicit reward beta * log(pi / ref) on pairs -> summary.json, pairs.json.
 curves:   training curves of several runs (their metrics.jsonl) in one curves.png.
 
-Missing model or data flags fall back to the demo world: the demo base model and eval split
-(minialign.demo), runs/rm/model and runs/dpo/model as written by train_rm.py / train_dpo.py.
+Before any heavy work every model folder is checked: its checkpoint (config.json values, weight
+files, tensor names and shapes), its kind (rm's --reward_model is a reward model; dpo's --base and
+--policy and implicit's models are causal LMs), that its tokenizer fits its embedding, and that
+--base and --policy (dpo), --policy and --ref_model (implicit) share one tokenizer and chat format.
+The reward model may have a tokenizer of its own: it re-renders each conversation as text with
+its own chat template.
+
+Prompts longer than --max_prompt_length keep their last tokens for generation, as in training.
+Scoring cuts a conversation longer than --max_length at the start of its prompt, never at the end
+of the answer, where the reward is read.
+
+With no model and no data flag at all, a command evaluates the demo world (minialign.demo; the
+reward model and policy that train_rm.py / train_dpo.py write to runs/rm/model, runs/dpo/model)
+and says so first; some flags but not all is an error naming the missing ones.
+
+Under torchrun, generation and scoring are shared among the ranks, batch by batch (each batch the
+same as in one process, so the numbers are the same), and rank 0 writes the results.
 """
 import argparse
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minialign import generate, load_model, load_tokenizer
+from minialign import load_model, load_tokenizer
+from minialign.cli import (ArgumentParser, eval_dtype, float_range, int_range, non_negative_float, non_negative_int,
+                           positive_float, positive_int, run_main)
 from minialign.collate import tokenize_pairs
-from minialign.data import load_preferences, prompts_view
+from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits, describe_kind
+from minialign.data import FORMATS, load_preferences, prompts_view
+from minialign.distributed import destroy_distributed, init_distributed, print0
+from minialign.errors import MissingFileError, UserError, read_json
 from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
-                                  per_prompt_means, policy_comparison_summary, repetition_rate, reward_model_summary, top_k_changes)
-from minialign.hub import resolve_model_path
+                                  map_batches, per_prompt_means, policy_comparison_summary, repetition_rate,
+                                  reward_model_summary, top_k_changes)
+from minialign.generate import Generation, encode_prompts, generate_tokens, row_seeds
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
 from minialign.reward import score_responses
+from minialign.hub import resolve_model_path
 from minialign.tokenizer import CHAT_FORMAT_CHOICES
 
 DEMO_RM, DEMO_POLICY = "runs/rm/model", "runs/dpo/model"  # where train_rm.py / train_dpo.py save by default
+DEMO_HINTS = {DEMO_RM: " (train it with `python train_rm.py`)", DEMO_POLICY: " (train it with `python train_dpo.py`)"}
 CURVE_METRICS = ("loss", "accuracy", "margin", "rewards/accuracies", "rewards/margins")  # absent ones are skipped
 
 
-# ------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------ inputs, checked
 
-def demo_world(*flags):
-    """minialign.demo's paths when any of the given flag values is missing (the demo world is
-    then built if it does not exist yet), else None."""
-    if all(f is not None for f in flags):
+def demo_world_if_none(given: dict, env, what: str):
+    """minialign.demo's paths when none of the command's model and data flags is given (the demo
+    world is built first if it does not exist yet); None when all are. Some but not all is an
+    error: a forgotten flag is never filled in from the demo world behind the user's back."""
+    missing = [flag for flag, value in given.items() if value is None]
+    if not missing:
         return None
+    if len(missing) < len(given):
+        raise UserError(f"missing {', '.join(missing)}: give all of {', '.join(given)}, "
+                        f"or none of them to evaluate the demo world")
+    print0(env, f"no {', '.join(given)} given: evaluating the demo world ({what})")
     from minialign.demo import demo_paths  # imported only when needed: it may build the demo world
-    from minialign.distributed import init_distributed
 
-    return demo_paths(init_distributed())
+    return demo_paths(env)
 
 
-def require_model(path, flag: str):
-    """Fail early, naming the flag, when a checkpoint folder is missing (e.g. not trained yet).
-    A Hub id `org/name` is looked up in the local Hugging Face cache (minialign.hub)."""
-    path = resolve_model_path(path, f"--{flag}")
+def announce(args, env) -> None:
+    """The start-up line: what runs where (after the demo-world line, which must come first)."""
+    print0(env, f"evaluate.py {args.command}: {env.world_size} rank(s), device {env.device}, dtype {args.dtype}")
+
+
+def check_slot(path, flag: str, reward: bool):
+    """The checkpoint a flag names (a folder, or a Hub id in the local Hugging Face cache), checked
+    before any heavy work (compat.check_model_kind)."""
+    path = resolve_model_path(path, flag)
     if not (Path(path) / "config.json").is_file():
-        hint = {DEMO_RM: " (train it with `python train_rm.py`)",
-                DEMO_POLICY: " (train it with `python train_dpo.py`)"}.get(path, "")
-        raise SystemExit(f"--{flag}: no checkpoint at {path} (config.json not found){hint}")
+        raise MissingFileError(f"{flag} {path}: no checkpoint there (no config.json){DEMO_HINTS.get(str(path), '')}")
+    return check_model_kind(path, reward, flag)
 
 
-def device_of(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def load_slot(path, flag: str, args, env):
+    """Load a checked checkpoint for inference, and say what was loaded."""
+    model = load_model(path, dtype=args.dtype, device=env.device).eval().requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    print0(env, f"loaded {flag} {path}: {describe_kind(model.config)}, {n / 1e6:.2f}M parameters, "
+                f"{args.dtype} on {env.device}")
+    return model
 
 
-def load_eval_model(path, args):
-    return load_model(path, dtype=args.dtype, device=device_of(args)).eval().requires_grad_(False)
+def output_folder(path, env) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
+    if env.is_main:  # rank 0 alone writes
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output {out}: cannot create the folder ({e.strerror or e})") from None
+    return out
 
+
+def load_data(args, env):
+    pairs, report = load_preferences(args.data, args.data_format)
+    print0(env, report.summary())
+    return pairs, report
+
+
+# ------------------------------------------------------------------------------- output
 
 def jsonable(x):
     """NaN/inf become null (strict JSON has no NaN); numpy scalars and tuples become plain values."""
@@ -100,41 +154,36 @@ def print_table(title: str, rows):
         print(f"{name:<{width}}  {fmt(value)}")
 
 
-def add_common(p, seed_help="seeds the bootstrap"):
-    p.add_argument("--data", help="preference file (.json, .jsonl, .gz); default: the demo eval split")
-    p.add_argument("--data_format", default="auto", help="auto, or one of the formats in minialign.data")
-    p.add_argument("--output", help="folder for the results (created)")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + response")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--n_resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
-    p.add_argument("--chat_format", default="auto", choices=CHAT_FORMAT_CHOICES,
-                   help="chat template renderer for every checkpoint loaded: auto (a known family in Python, "
-                        "any other template with Jinja), a family, or jinja")
+# ---------------------------------------------------------------------------------- rm
 
-
-# ---------------------------------------------------------------------------- subcommands
-
-def run_rm(args):
-    demo = demo_world(args.data)
-    args.reward_model = args.reward_model or DEMO_RM
-    args.data = args.data or str(demo.eval_data)
-    require_model(args.reward_model, "reward_model")
-    out = Path(args.output or "runs/eval/rm")
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, report = load_preferences(args.data, args.data_format)
-    print(report.summary())
+def run_rm(args, env):
+    given = {"--reward_model": args.reward_model, "--data": args.data}
+    demo = demo_world_if_none(given, env, f"{DEMO_RM} on the demo world's held-out pairs")
+    if demo is not None:
+        args.reward_model, args.data = DEMO_RM, str(demo.eval_data)
+    announce(args, env)
+    config = check_slot(args.reward_model, "--reward_model", reward=True)
+    tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
+    check_tokenizer_fits(config, tokenizer, args.reward_model)
+    out = output_folder(args.output or "runs/eval/rm", env)
+    pairs, report = load_data(args, env)
     if args.num_pairs and args.num_pairs < len(pairs):  # a seeded random subset, kept in file order
         keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), args.num_pairs, replace=False))
         pairs = [pairs[i] for i in keep]
 
-    tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
-    model = load_eval_model(args.reward_model, args)
+    model = load_slot(args.reward_model, "--reward_model", args, env)
     prompts = [p.prompt for p in pairs]
-    better = score_responses(model, tokenizer, prompts, [p.chosen for p in pairs], args.batch_size, args.max_length)
-    worse = score_responses(model, tokenizer, prompts, [p.rejected for p in pairs], args.batch_size, args.max_length)
+
+    def scorer(answers):
+        return lambda idx: score_responses(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
+                                           batch_size=len(idx), max_length=args.max_length)
+
+    better = map_batches(scorer([p.chosen for p in pairs]), len(pairs), args.batch_size, env,
+                         "scoring the better answers", "pairs")
+    worse = map_batches(scorer([p.rejected for p in pairs]), len(pairs), args.batch_size, env,
+                        "scoring the worse answers", "pairs")
+    if not env.is_main:
+        return None
     # Length = tokens of the response alone (the reward model's tokenizer), not of the conversation.
     better_len = [len(t) for t in tokenizer.encode_batch([p.chosen for p in pairs])]
     worse_len = [len(t) for t in tokenizer.encode_batch([p.rejected for p in pairs])]
@@ -142,7 +191,8 @@ def run_rm(args):
     summary = reward_model_summary(better, better_len, worse, worse_len, args.n_resamples, args.seed)
     summary["length_bias"]["length_unit"] = "tokens of the response (reward-model tokenizer)"
     summary.update(reward_model=args.reward_model, data=args.data, n_resamples=args.n_resamples, seed=args.seed,
-                   data_read=report.read, data_kept=report.kept, data_skipped=report.skipped)
+                   max_length=args.max_length, data_read=report.read, data_kept=report.kept,
+                   data_skipped=report.skipped)
     write_json(out / "summary.json", summary)
     write_json(out / "pairs.json", [
         {"line": p.line, "prompt": p.prompt, "better": p.chosen, "worse": p.rejected,
@@ -167,14 +217,30 @@ def run_rm(args):
     return summary
 
 
-def generate_with(model_dir, prompts, args):
-    """Load one causal LM, answer every prompt, free the model (base and policy never coexist)."""
-    tokenizer = load_tokenizer(model_dir, chat_format=args.chat_format)
-    model = load_eval_model(model_dir, args)
-    gen = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
-    del model
-    return gen
+# --------------------------------------------------------------------------------- dpo
+
+def prompt_ids_kept_end(tokenizer, prompts, max_prompt_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Each prompt rendered with its generation prompt and encoded; one longer than
+    max_prompt_length keeps its last tokens (the latest turns, as training keeps them).
+    Returns (id lists, whether each was cut)."""
+    ids = encode_prompts(tokenizer, prompts)
+    return [p[-max_prompt_length:] for p in ids], [len(p) > max_prompt_length for p in ids]
+
+
+def generate_answers(model_dir, flag, tokenizer, prompt_ids, args, env, label) -> Generation:
+    """Load one causal LM and answer every prompt (this rank's batches of them); the model is freed
+    on return, so base and policy never coexist. Row i is seeded row_seeds(seed)[i] for both models."""
+    model = load_slot(model_dir, flag, args, env)
+
+    def answer(idx):
+        out, finished = generate_tokens(
+            model, [prompt_ids[i] for i in idx], tokenizer.eos_token_ids, tokenizer.pad_token_id,
+            args.max_new_tokens, args.temperature, top_p=args.top_p, seeds=row_seeds(args.seed, len(idx), idx.start))
+        return [(tokenizer.decode(t, skip_special_tokens=True), t, f) for t, f in zip(out, finished)]
+
+    rows = map_batches(answer, len(prompt_ids), args.batch_size, env, label, "answers")
+    texts, token_ids, finished = (list(column) for column in zip(*rows))
+    return Generation(texts, token_ids, finished, prompt_ids)
 
 
 def _conversation_md(messages) -> str:
@@ -188,7 +254,9 @@ def dpo_report(summary, rows, k, args) -> str:
     lines = [
         f"# DPO policy vs base\n\npolicy `{args.policy}`, base `{args.base}`, reward model `{args.reward_model}`, "
         f"{summary['n']} prompts of `{args.data}`, {spp} answer(s) per prompt and model; sampling: temperature "
-        f"{args.temperature}, top_p {args.top_p}, max_new_tokens {args.max_new_tokens}, seed {args.seed}.\n",
+        f"{args.temperature}, top_p {args.top_p}, max_new_tokens {args.max_new_tokens}, seed {args.seed}. "
+        f"{summary['prompts_truncated']} prompt(s) longer than max_prompt_length {args.max_prompt_length} "
+        f"tokens kept their last tokens for generation.\n",
         f"Win rate of the policy (strictly higher {'mean ' if spp > 1 else ''}reward on the prompt): "
         f"**{summary['win_rate']:.3f}** "
         f"(95% bootstrap CI {summary['win_rate_ci95'][0]:.3f} to {summary['win_rate_ci95'][1]:.3f}); "
@@ -217,35 +285,52 @@ def dpo_report(summary, rows, k, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dpo(args):
-    demo = demo_world(args.base, args.data)
-    args.base = args.base or str(demo.base_model)
-    args.policy, args.reward_model = args.policy or DEMO_POLICY, args.reward_model or DEMO_RM
-    args.data = args.data or str(demo.eval_data)
-    require_model(args.base, "base")
-    require_model(args.policy, "policy")
-    require_model(args.reward_model, "reward_model")
-    out = Path(args.output or "runs/eval/dpo")
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, report = load_preferences(args.data, args.data_format)
-    print(report.summary())
+def run_dpo(args, env):
+    given = {"--base": args.base, "--policy": args.policy, "--reward_model": args.reward_model, "--data": args.data}
+    demo = demo_world_if_none(given, env, f"the demo base model vs {DEMO_POLICY}, judged by {DEMO_RM}")
+    if demo is not None:
+        args.base, args.policy, args.reward_model, args.data = (str(demo.base_model), DEMO_POLICY, DEMO_RM,
+                                                                str(demo.eval_data))
+    announce(args, env)
+    base_config = check_slot(args.base, "--base", reward=False)
+    policy_config = check_slot(args.policy, "--policy", reward=False)
+    rm_config = check_slot(args.reward_model, "--reward_model", reward=True)
+    tokenizer = load_tokenizer(args.base, chat_format=args.chat_format)
+    rm_tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
+    check_same_tokenizer(tokenizer, args.base, load_tokenizer(args.policy, chat_format=args.chat_format), args.policy,
+                         "--base", "--policy")
+    check_tokenizer_fits(base_config, tokenizer, args.base)
+    check_tokenizer_fits(policy_config, tokenizer, args.policy, tokenizer_dir=args.base)
+    check_tokenizer_fits(rm_config, rm_tokenizer, args.reward_model)
+    out = output_folder(args.output or "runs/eval/dpo", env)
+    pairs, report = load_data(args, env)
     prompts = prompts_view(pairs)[: args.num_prompts]
     k = args.samples_per_prompt
-    if k < 1:
-        raise SystemExit(f"--samples_per_prompt must be at least 1, got {k}")
+    ids, cut = prompt_ids_kept_end(tokenizer, prompts, args.max_prompt_length)
+    n_cut = sum(cut)
+    print0(env, f"{len(prompts)} prompts, {k} answer(s) each per model; {n_cut} prompt(s) longer than "
+                f"--max_prompt_length {args.max_prompt_length} keep their last tokens")
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
+    asked_ids = [p for p in ids for _ in range(k)]
 
-    base = generate_with(args.base, asked, args)
-    policy = generate_with(args.policy, asked, args)
-    tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
-    rm = load_eval_model(args.reward_model, args)
-    base_r = score_responses(rm, tokenizer, asked, base.texts, args.batch_size, args.max_length)
-    policy_r = score_responses(rm, tokenizer, asked, policy.texts, args.batch_size, args.max_length)
+    base = generate_answers(args.base, "--base", tokenizer, asked_ids, args, env, "generating base answers")
+    policy = generate_answers(args.policy, "--policy", tokenizer, asked_ids, args, env, "generating policy answers")
+    rm = load_slot(args.reward_model, "--reward_model", args, env)
+
+    def scorer(answers):
+        return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
+                                           batch_size=len(idx), max_length=args.max_length)
+
+    base_r = map_batches(scorer(base.texts), len(asked), args.batch_size, env, "scoring base answers", "answers")
+    policy_r = map_batches(scorer(policy.texts), len(asked), args.batch_size, env, "scoring policy answers", "answers")
+    if not env.is_main:
+        return None
 
     summary = policy_comparison_summary(base_r, policy_r, base.token_ids, policy.token_ids, base.finished,
                                         policy.finished, args.n_resamples, args.seed, samples_per_prompt=k)
     summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                   max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)")
 
     def answers(g, rewards, i):  # the k answers of one model to prompt i
@@ -255,6 +340,7 @@ def run_dpo(args):
 
     means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}
     rows = [{"index": i, "prompt": prompt, "gain": float(means["policy"][i] - means["base"][i]),
+             "prompt_truncated": cut[i],
              **{who: {"reward": float(means[who][i]), "samples": answers(g, r, i)}
                 for who, g, r in (("base", base, base_r), ("policy", policy, policy_r))}}
             for i, prompt in enumerate(prompts)]
@@ -274,33 +360,51 @@ def run_dpo(args):
         ("stop rate, base / policy", f"{b['stop_rate']:.3f} / {p['stop_rate']:.3f}"),
         ("mean length (tokens), base / policy", f"{b['mean_length_tokens']:.1f} / {p['mean_length_tokens']:.1f}"),
         (f"repeated {REPETITION_NGRAM}-grams, base / policy", f"{b[rep]:.3f} / {p[rep]:.3f}"),
+        ("prompts cut to --max_prompt_length", n_cut),
     ])
     print(f"\nwrote {out / 'summary.json'}, {out / 'generations.json'}, {out / 'dpo_eval.png'}, {out / 'report.md'}")
     return summary
 
 
-def run_implicit(args):
-    demo = demo_world(args.ref_model, args.data)
-    args.policy = args.policy or DEMO_POLICY
-    args.ref_model = args.ref_model or str(demo.base_model)
-    args.data = args.data or str(demo.eval_data)
-    require_model(args.policy, "policy")
-    require_model(args.ref_model, "ref_model")
-    out = Path(args.output or "runs/eval/implicit")
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, report = load_preferences(args.data, args.data_format)
-    print(report.summary())
+# ---------------------------------------------------------------------------- implicit
+
+def run_implicit(args, env):
+    given = {"--policy": args.policy, "--ref_model": args.ref_model, "--data": args.data}
+    demo = demo_world_if_none(given, env, f"{DEMO_POLICY} against the demo base model")
+    if demo is not None:
+        args.policy, args.ref_model, args.data = DEMO_POLICY, str(demo.base_model), str(demo.eval_data)
+    announce(args, env)
+    if args.max_prompt_length >= args.max_length:
+        raise UserError(f"--max_prompt_length {args.max_prompt_length} must be below --max_length {args.max_length}")
+    policy_config = check_slot(args.policy, "--policy", reward=False)
+    ref_config = check_slot(args.ref_model, "--ref_model", reward=False)
     tokenizer = load_tokenizer(args.policy, chat_format=args.chat_format)
+    check_same_tokenizer(tokenizer, args.policy, load_tokenizer(args.ref_model, chat_format=args.chat_format),
+                         args.ref_model, "--policy", "--ref_model")
+    check_tokenizer_fits(policy_config, tokenizer, args.policy)
+    check_tokenizer_fits(ref_config, tokenizer, args.ref_model, tokenizer_dir=args.policy)
+    out = output_folder(args.output or "runs/eval/implicit", env)
+    pairs, report = load_data(args, env)
     items, stats = tokenize_pairs(tokenizer, pairs, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length, truncation="keep_end")
-    print(stats.summary())
+    print0(env, stats.summary())
+    if not items:
+        raise UserError(f"no pair of {args.data} fits --max_length {args.max_length}: {stats.summary()}")
 
-    policy, ref = load_eval_model(args.policy, args), load_eval_model(args.ref_model, args)
-    chosen, rejected, pol_lp, ref_lp = implicit_rewards(policy, ref, items, args.beta, args.batch_size,
-                                                        tokenizer.pad_token_id)
+    policy = load_slot(args.policy, "--policy", args, env)
+    ref = load_slot(args.ref_model, "--ref_model", args, env)
+
+    def rewards(idx):  # (chosen reward, rejected reward, policy log-probs, ref log-probs) per pair
+        return zip(*implicit_rewards(policy, ref, [items[i] for i in idx], args.beta, len(idx), tokenizer.pad_token_id))
+
+    results = map_batches(rewards, len(items), args.batch_size, env, "implicit rewards", "pairs")
+    if not env.is_main:
+        return None
+    chosen, rejected, pol_lp, ref_lp = (list(column) for column in zip(*results))
     summary = implicit_reward_summary(chosen, rejected, args.n_resamples, args.seed)
     summary.update(policy_model=args.policy, ref_model=args.ref_model, data=args.data, beta=args.beta,
-                   n_resamples=args.n_resamples, seed=args.seed, pairs_given=stats.pairs, pairs_dropped=stats.dropped)
+                   n_resamples=args.n_resamples, seed=args.seed, pairs_given=stats.pairs, pairs_dropped=stats.dropped,
+                   prompts_truncated=stats.prompt_truncated, prompts_mostly_cut=stats.prompt_mostly_cut)
     write_json(out / "summary.json", summary)
     write_json(out / "pairs.json", [
         {"line": it.line, "chosen_reward": c, "rejected_reward": r, "margin": c - r, "correct": c > r,
@@ -317,10 +421,13 @@ def run_implicit(args):
     return summary
 
 
+# ------------------------------------------------------------------------------ curves
+
 def run_label(run_dir: Path) -> str:
     """The run folder's name, with its learning rate when run_config.json records one."""
     cfg = run_dir / "run_config.json"
-    lr = json.loads(cfg.read_text()).get("lr") if cfg.is_file() else None
+    settings = read_json(cfg, "the run's settings") if cfg.is_file() else {}
+    lr = settings.get("lr") if isinstance(settings, dict) else None
     return f"{run_dir.name} (lr {lr:g})" if isinstance(lr, (int, float)) else run_dir.name
 
 
@@ -329,14 +436,14 @@ def run_curves(args):
     for d in map(Path, args.run_dirs):
         path = d / "metrics.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {d} a training run folder?")
+            raise MissingFileError(f"{path} not found: is {d} a training run folder?")
         records = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
+                except ValueError as e:
+                    raise UserError(f"{path}, line {n}: not JSON ({e})") from None
         runs.append((run_label(d), records))
     out = Path(args.output or "runs/eval/curves")
     figure = plot_training_curves(runs, out / "curves.png", metrics=tuple(args.metrics))
@@ -345,50 +452,101 @@ def run_curves(args):
     return figure
 
 
+# ------------------------------------------------------------------------ command line
+
+def device_flag(text: str) -> str:
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)") from None
+    return text
+
+
+def add_common(p, seed_help="seeds the bootstrap"):
+    p.add_argument("--data", help="preference file (.json, .jsonl, .gz); with no model flag either: the demo eval split")
+    p.add_argument("--data_format", default="auto", choices=("auto", *FORMATS), help="the preference file's format")
+    p.add_argument("--output", help="folder for the results (created); default runs/eval/<command>")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="sequences per forward pass (>= 1)")
+    p.add_argument("--max_length", type=int_range(2), default=1024,
+                   help="max tokens of prompt + response when scoring (>= 2); longer ones lose the start of the prompt")
+    p.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
+    p.add_argument("--n_resamples", type=positive_int, default=N_RESAMPLES, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--device", type=device_flag, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", type=eval_dtype, default="fp32",
+                   help="weights dtype: fp32/float32, bf16/bfloat16, fp16/float16")
+    p.add_argument("--chat_format", default="auto", choices=CHAT_FORMAT_CHOICES,
+                   help="chat template renderer for every checkpoint loaded: auto (a known family in Python, "
+                        "any other template with Jinja), a family, or jinja")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("rm", help="accuracy, margins and length bias of a reward model on preference pairs")
-    p.set_defaults(run=run_rm)
-    p.add_argument("--reward_model", help=f"reward-model checkpoint folder (default: {DEMO_RM})")
-    p.add_argument("--num_pairs", type=int, default=None, help="evaluate a seeded random subset of this many pairs")
+    def command(name, help_, description, run):  # descriptions are kept as written: wrap them here
+        p = sub.add_parser(name, help=help_, description=textwrap.fill(f"{help_.capitalize()}{description}", 92))
+        p.set_defaults(run=run)
+        return p
+
+    p = command("rm", "accuracy, margins and length bias of a reward model on preference pairs",
+                ": each pair's better and worse answer scored by the reward model (a "
+                "*ForSequenceClassification checkpoint, as train_rm.py writes).", run_rm)
+    p.add_argument("--reward_model", help=f"reward-model checkpoint folder (with no --data either: {DEMO_RM})")
+    p.add_argument("--num_pairs", type=positive_int, default=None, help="evaluate a seeded random subset of this many pairs")
     add_common(p, seed_help="seeds the --num_pairs subset and the bootstrap")
 
-    p = sub.add_parser("dpo", help="policy vs base: generate, score with the reward model, compare")
-    p.set_defaults(run=run_dpo)
-    p.add_argument("--base", help="the model before DPO (default: the demo base model)")
-    p.add_argument("--policy", help=f"the DPO policy (default: {DEMO_POLICY})")
-    p.add_argument("--reward_model", help=f"reward model that judges both (default: {DEMO_RM})")
-    p.add_argument("--num_prompts", type=int, default=100, help="the first N distinct prompts of --data")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="response budget; longer answers are cut")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass")
-    p.add_argument("--samples_per_prompt", type=int, default=1,
+    p = command("dpo", "policy vs base: generate, score with the reward model, compare",
+                ". --base and --policy are causal LMs sharing one tokenizer; --reward_model is a reward model, "
+                "which may have its own tokenizer (it re-renders each conversation with its own chat template). "
+                "Prompts longer than --max_prompt_length keep their last tokens. Sampling is seeded per "
+                "prompt: the answers do not depend on --batch_size or the number of ranks.", run_dpo)
+    p.add_argument("--base", help="the model before DPO (with no other model or data flag: the demo base model)")
+    p.add_argument("--policy", help=f"the DPO policy (with no other model or data flag: {DEMO_POLICY})")
+    p.add_argument("--reward_model", help=f"reward model that judges both (with no other model or data flag: {DEMO_RM})")
+    p.add_argument("--num_prompts", type=positive_int, default=100, help="the first N distinct prompts of --data")
+    p.add_argument("--max_prompt_length", type=positive_int, default=512,
+                   help="longer prompts keep their last tokens for generation, as in training")
+    p.add_argument("--max_new_tokens", type=positive_int, default=128, help="response budget; longer answers are cut")
+    p.add_argument("--temperature", type=non_negative_float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_p", type=float_range(0.0, 1.0, low_open=True), default=0.9,
+                   help="nucleus sampling mass, in (0, 1]; 1 keeps every token")
+    p.add_argument("--samples_per_prompt", type=positive_int, default=1,
                    help="answers per prompt and model; wins and gains compare each model's mean reward over them")
-    p.add_argument("--top_k_report", type=int, default=5, help="largest gains and losses shown in report.md")
-    add_common(p, seed_help="seeds sampling (the same for both models) and the bootstrap")
+    p.add_argument("--top_k_report", type=non_negative_int, default=5, help="largest gains and losses shown in report.md")
+    add_common(p, seed_help="seeds sampling (per prompt, the same for both models) and the bootstrap")
 
-    p = sub.add_parser("implicit", help="accuracy of DPO's implicit reward beta*log(pi/ref) on preference pairs")
-    p.set_defaults(run=run_implicit)
-    p.add_argument("--policy", help=f"the DPO policy (default: {DEMO_POLICY})")
-    p.add_argument("--ref_model", help="its reference (default: the demo base model)")
-    p.add_argument("--beta", type=float, default=0.1, help="the beta of training (scales rewards, not accuracy)")
-    p.add_argument("--max_prompt_length", type=int, default=512, help="longer prompts keep their last tokens")
+    p = command("implicit", "accuracy of DPO's implicit reward beta*log(pi/ref) on preference pairs",
+                ". --policy and --ref_model are causal LMs sharing one tokenizer (the policy's is used for "
+                "both).", run_implicit)
+    p.add_argument("--policy", help=f"the DPO policy (with no other model or data flag: {DEMO_POLICY})")
+    p.add_argument("--ref_model", help="its reference (with no other model or data flag: the demo base model)")
+    p.add_argument("--beta", type=positive_float, default=0.1, help="the beta of training (scales rewards, not accuracy)")
+    p.add_argument("--max_prompt_length", type=positive_int, default=512,
+                   help="longer prompts keep their last tokens; must be below --max_length")
     add_common(p)
 
-    p = sub.add_parser("curves", help="overlay the training curves of several runs")
-    p.set_defaults(run=run_curves)
+    p = command("curves", "overlay the training curves of several runs", " (each run folder's metrics.jsonl).",
+                run_curves)
     p.add_argument("run_dirs", nargs="+", help="run folders, each with metrics.jsonl")
     p.add_argument("--output", help="folder for curves.png (default: runs/eval/curves)")
     p.add_argument("--metrics", nargs="+", default=list(CURVE_METRICS), help="metrics to plot (absent ones skipped)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return args.run(args)
+    if args.run is run_curves:  # reads files only: no model, no device, no ranks
+        return run_curves(args)
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available on this machine")
+    env = init_distributed(device=args.device)
+    try:
+        return args.run(args, env)
+    finally:
+        destroy_distributed(env)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,11 +15,13 @@ import torch
 
 from minialign import load_model, load_tokenizer, save_model
 from minialign.checkpoint import checkpoint_dtype
+from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
-from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.reducer import GradReducer
 from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
 from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded
 from minialign.plots import plot_training_curves
@@ -60,6 +62,10 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
     if args.loss_type == "simpo":
         return None
     ref_dir = resolve_model_path(args.ref_model, "--ref_model") if args.ref_model else args.model
+    if args.ref_model:  # another checkpoint: it must score the same token ids the same way
+        check_model_kind(ref_dir, reward=False, what="--ref_model")
+        check_same_tokenizer(tokenizer, args.model, load_tokenizer(ref_dir, chat_format=args.chat_format), ref_dir,
+                             "--model", "--ref_model")
     if args.fsdp:  # sharded too, stored in the compute dtype: 2 bytes per parameter / W under bf16 (fsdp.py)
         ref_model = load_sharded(ref_dir, env, dtype, reward=False, frozen=True)
     else:
@@ -86,6 +92,7 @@ def main(argv=None):
     args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
     run = RunFolder(args.output, env)
     run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
+    check_model_kind(args.model, reward=False, what="--model")  # DPO trains a causal LM, not a reward model
     dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
 
@@ -100,6 +107,7 @@ def main(argv=None):
     else:
         policy = load_model(args.model, device=env.device)
         broadcast_parameters(policy, env)
+    check_tokenizer_fits(policy.config, tokenizer, args.model)  # every token id has an embedding row
     policy.gradient_checkpointing = args.gradient_checkpointing
     print0(env, describe_setup(policy, env, dtype))
     reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items)

@@ -12,12 +12,14 @@ import torch
 
 from minialign import load_model, load_tokenizer, save_model
 from minialign.checkpoint import checkpoint_dtype
+from minialign.compat import check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
-from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
 from minialign.fsdp import FSDPGradSync, load_sharded
+from minialign.reducer import GradReducer
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
 from minialign.prepare import data_settings, prepare_pairs
@@ -63,6 +65,7 @@ def main(argv=None):
     else:
         model = load_model(args.model, reward=True, device=env.device)
         broadcast_parameters(model, env)
+    check_tokenizer_fits(model.config, tokenizer, args.model)  # every token id has an embedding row
     model.config.pad_token_id = tokenizer.pad_token_id  # written to config.json, as HF expects
     model.gradient_checkpointing = args.gradient_checkpointing
     print0(env, describe_setup(model, env, dtype))

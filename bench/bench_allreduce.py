@@ -1,6 +1,6 @@
 """How much of the gradient all-reduce hides behind backward: 2 ranks (gloo on CPU, or NCCL on
-2 GPUs with --device cuda), minialign.distributed.InstrumentedGradReducer with overlap=True
-against overlap=False.
+2 GPUs with --device cuda), minialign.reducer.InstrumentedGradReducer with overlap=True against
+overlap=False.
 
     python bench/bench_allreduce.py                        # small shape and the Qwen2.5-0.5B shape with 4 layers
     python bench/bench_allreduce.py --quick                # small shape only
@@ -43,9 +43,9 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
     torch.set_num_threads(1)
     from minialign.collate import to_device
     from minialign.config import ModelConfig
-    from minialign.distributed import (InstrumentedGradReducer, broadcast_parameters, destroy_distributed,
-                                       init_distributed)
+    from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
     from minialign.model import RewardModel
+    from minialign.reducer import InstrumentedGradReducer
     from minialign.precision import autocast_context
 
     env = init_distributed(device=device)

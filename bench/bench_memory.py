@@ -170,11 +170,12 @@ def _worker(rank, world, port, shape, mode, queue):
     torch.set_num_threads(1)
     from minialign.collate import to_device
     from minialign.config import ModelConfig
-    from minialign.distributed import GradReducer, broadcast_parameters, destroy_distributed, init_distributed
+    from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
     from minialign.dpo import dpo_objective, live_reference
     from minialign.fsdp import FSDPGradSync, freeing_root_after, shard
     from minialign.model import CausalLM
     from minialign.precision import autocast_context, hold_frozen_in_bf16
+    from minialign.reducer import GradReducer
     from minialign.train import build_optimizer, train_step
 
     env = init_distributed(device="cpu")

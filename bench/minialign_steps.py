@@ -12,7 +12,8 @@ import torch
 from common import serve_steps
 from minialign import load_model
 from minialign.collate import to_device
-from minialign.distributed import DistEnv, GradReducer
+from minialign.distributed import DistEnv
+from minialign.reducer import GradReducer
 from minialign.dpo import dpo_objective, live_reference, precomputed_reference
 from minialign.precision import autocast_context
 from minialign.reward import reward_objective

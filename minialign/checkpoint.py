@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: config.json + safetensors, strictly checked.
 
-Loading builds the module on the meta device (no wasted random init), reads the tensors
-with safetensors (never pickle), and checks that the key sets and shapes match exactly,
-naming any tensor that is missing, unexpected or mis-shaped.
+Loading checks before it reads: config.json's values, then the safetensors headers (layer count,
+floating-point dtypes), then the key sets and shapes against the module built on the meta device
+(no wasted random init), naming any tensor that is missing, unexpected or mis-shaped; only then
+are the tensors read, with safetensors (never pickle).
 
 Saving writes the same layout (sharded with an index above a size limit) into a temporary
 folder beside the target and renames it into place, so a crash mid-save never leaves a
@@ -12,16 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .hub import resolve_model_path
+from .errors import MissingFileError, UserError, read_json
 from .model import CausalLM, RewardModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -43,51 +47,132 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
 def load_config(path) -> ModelConfig:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint folder {path}")
-    with open(cfg_path) as f:
-        return ModelConfig.from_hf_dict(json.load(f), source=str(cfg_path))
+        raise MissingFileError(f"{cfg_path}: no config.json in checkpoint folder {path}")
+    return ModelConfig.from_hf_dict(read_json(cfg_path, "the model's config"), source=str(cfg_path))
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded safetensors checkpoint (safetensors only: no pickle)."""
-    path = Path(path)
+# ----------------------------------------------------------------------------- reading weights
+
+@dataclass
+class TensorInfo:
+    """One tensor as a safetensors header describes it: nothing of its data is read."""
+    file: Path
+    dtype: str                 # safetensors spelling: "F32", "BF16", "I64", "BOOL", ...
+    shape: tuple[int, ...]
+
+
+def _weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
-    elif (path / INDEX_NAME).is_file():
-        with open(path / INDEX_NAME) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found (only safetensors is read)")
-    state = {}
+        return [path / WEIGHTS_NAME]
+    if not (path / INDEX_NAME).is_file():
+        raise MissingFileError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found (only safetensors is read)")
+    index = read_json(path / INDEX_NAME, "the index of a sharded checkpoint")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{path / INDEX_NAME}: expected a 'weight_map' object of tensor name -> file name")
+    files = [path / name for name in sorted(set(weight_map.values()))]
     for file in files:
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: shard listed in {INDEX_NAME} is missing")
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+            raise MissingFileError(f"{file}: shard listed in {INDEX_NAME} is missing")
+    return files
+
+
+def read_tensor_index(path) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo of every tensor of a (sharded) safetensors checkpoint, from the file
+    headers alone: cheap even for a large model. A truncated or corrupt file is named."""
+    index = {}
+    for file in _weight_files(Path(path)):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    index[key] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
+        except SafetensorError as e:  # the header checks the file's size too: truncation is caught here
+            raise UserError(f"{file}: not a readable safetensors file ({e}); was it copied or downloaded completely?") from None
+    return index
+
+
+def read_state_dict(path, names=None) -> dict[str, torch.Tensor]:
+    """Tensors of a single-file or sharded safetensors checkpoint (safetensors only: no pickle);
+    all of them, or only `names`."""
+    index = read_tensor_index(path)
+    wanted = index if names is None else names
+    state = {}
+    for file in sorted({index[key].file for key in wanted}):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in wanted:
+                        state[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
     return state
+
+
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors names of the dtypes weights may be cast from
+
+
+def check_weights_fit_config(cfg: ModelConfig, index: dict[str, TensorInfo], path) -> None:
+    """Checks that need only the headers, made before any module is built: the number of decoder
+    layers (a config saying 200000 would otherwise spend minutes building modules before the key
+    check could refuse it) and the dtypes (an integer or bool tensor cast to float would load
+    without complaint and train nonsense)."""
+    layers = sorted({int(m.group(1)) for key in index if (m := LAYER_KEY.match(key))})
+    if layers != list(range(cfg.num_hidden_layers)):
+        held = (f"layers {layers[0]}..{layers[-1]} ({len(layers)} in all)" if layers
+                else "no decoder layers (no tensor named model.layers.N.*)")
+        raise UserError(f"{Path(path) / 'config.json'}: num_hidden_layers = {cfg.num_hidden_layers}, but the weights "
+                        f"in {path} hold {held}: the config and the weights do not belong together")
+    for key, info in index.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise UserError(f"{info.file}: tensor '{key}' is stored as {info.dtype}; weights must be floating point "
+                            f"({', '.join(FLOAT_DTYPES)}); this is not a checkpoint minialign can load")
 
 
 def _check_keys(expected: dict, found: dict, path):
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
-        raise KeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+        raise UserError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
     if unexpected:
-        raise KeyError(f"{path}: checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}")
+        raise UserError(f"{path}: checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}")
     for key, param in expected.items():
         if tuple(found[key].shape) != tuple(param.shape):
-            raise ValueError(
+            raise UserError(
                 f"{path}: tensor '{key}' has shape {tuple(found[key].shape)}, config expects {tuple(param.shape)}"
             )
+
+
+def inspect_checkpoint(path, reward: bool | None = None):
+    """Everything load_model checks, without reading one weight: config.json, the safetensors
+    headers, layer count and dtypes, then the key set and every shape against the model built on
+    the meta device (no memory). Returns (config, model on meta, names of the tensors to read)."""
+    cfg = load_config(path)
+    index = read_tensor_index(path)
+    check_weights_fit_config(cfg, index, path)
+    as_reward = cfg.is_reward_model if reward is None else reward
+    new_head = as_reward and not cfg.is_reward_model
+    with torch.device("meta"):
+        model = RewardModel(cfg) if as_reward else CausalLM(cfg)
+    names = set(index)
+    if new_head:  # a causal LM checkpoint becomes a reward-model backbone; lm_head is not used
+        names = {k for k in names if k.startswith("model.")}
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings and not as_reward:
+        expected.pop("lm_head.weight")  # the same tensor as the embedding
+        names.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
+    if new_head:
+        expected.pop("score.weight")
+    _check_keys(expected, {k: index[k] for k in names}, path)
+    return cfg, model, names
 
 
 def load_model(path, dtype=None, device=None, reward: bool | None = None):
@@ -98,24 +183,11 @@ def load_model(path, dtype=None, device=None, reward: bool | None = None):
     path: a checkpoint folder, or a Hub id `org/name` found in the local Hugging Face cache (minialign.hub).
     """
     path = resolve_model_path(path)
-    cfg = load_config(path)
+    cfg, model, names = inspect_checkpoint(path, reward)
     dtype = parse_dtype(dtype) or torch.float32
-    as_reward = cfg.is_reward_model if reward is None else reward
-    new_head = as_reward and not cfg.is_reward_model
-    with torch.device("meta"):
-        model = RewardModel(cfg) if as_reward else CausalLM(cfg)
-    state = read_state_dict(path)
-    if new_head:  # a causal LM checkpoint becomes a reward-model backbone; lm_head is not used
-        state = {k: v for k, v in state.items() if k.startswith("model.")}
-    expected = dict(model.state_dict())
-    if cfg.tie_word_embeddings and not as_reward:
-        expected.pop("lm_head.weight")  # the same tensor as the embedding
-        state.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    if new_head:
-        expected.pop("score.weight")
-    _check_keys(expected, state, path)
-    state = {k: v.to(dtype) for k, v in state.items()}
-    if new_head:
+    as_reward = isinstance(model, RewardModel)
+    state = {k: v.to(dtype) for k, v in read_state_dict(path, names).items()}
+    if as_reward and not cfg.is_reward_model:  # the new head: small random values, as transformers initialises it
         std = cfg.initializer_range
         state["score.weight"] = torch.randn(1, cfg.hidden_size).mul_(std).to(dtype)
     model.load_state_dict(state, strict=False, assign=True)

@@ -6,6 +6,7 @@ updated, so a saved checkpoint loads in transformers too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,38 @@ def read_rope(d: dict, source: str) -> tuple[float, RopeScaling | None]:
     return theta, out
 
 
+# Sizes that must be positive integers (head_dim and num_key_value_heads only when given).
+# num_hidden_layers may be 0: embeddings, final norm and head alone still make a (degenerate) model.
+POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _check_values(d: dict, source: str) -> None:
+    """Refuse values no network can be built from, naming the key, before anything uses them
+    (a zero head count would divide by zero; a NaN rms_norm_eps would surface only later, as a
+    non-finite loss that looks like a learning-rate problem)."""
+    for key in POSITIVE_INT_KEYS:
+        value = d.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim"):
+            continue  # optional: default to num_attention_heads and hidden_size / heads
+        low = 0 if key == "num_hidden_layers" else 1
+        if key in d and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise UserError(f"{source}: '{key}' = {value!r} must be an integer >= {low}")
+    rope = d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{source}: 'rope_parameters' = {rope!r:.80} must be an object")
+    for key, value in (("rms_norm_eps", d.get("rms_norm_eps")), ("rope_theta", d.get("rope_theta")),
+                       ("rope_parameters.rope_theta", rope.get("rope_theta"))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"{source}: '{key}' = {value!r} must be a finite positive number")
+    heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+    if not d.get("head_dim") and heads and hidden and hidden % heads:
+        raise UserError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}, "
+                        "and there is no 'head_dim' to say how wide each head is")
+
+
 @dataclass
 class ModelConfig:
     """Hyperparameters, read only from a checkpoint's config.json (never from its folder name)."""
@@ -103,10 +136,15 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Validate a Hugging Face config dict; refuse what this file does not implement."""
 
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+
         def need(key):
             if key not in d:
                 raise UserError(f"{source}: missing required key '{key}'")
             return d[key]
+
+        _check_values(d, source)
 
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:

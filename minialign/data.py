@@ -24,14 +24,18 @@ import gzip
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import MissingFileError, UserError
 
 FORMATS = ("align_anything", "pku_saferlhf", "prompt_chosen_rejected", "chat_messages", "preferred_output", "hh_rlhf")
 SKIP_REASONS = (
     "malformed_json",       # the line is not JSON, or not a JSON object
     "missing_key",          # a key the format needs is absent (the detail names it)
     "invalid_label",        # the preference label is not one of the allowed values
+    "invalid_text",         # a string cannot be encoded as UTF-8 (a lone surrogate such as "\ud800")
     "invalid_messages",     # a prompt or message list is malformed (role, shape, last turn)
     "empty_response",       # a response is empty or whitespace only
     "non_string_response",  # a response is not a string
@@ -40,6 +44,15 @@ SKIP_REASONS = (
     "over_length",          # added later by collation, when a pair cannot fit max_length
     "not_prefix",           # added later by collation: prompt tokens are not a prefix of prompt + answer
 )
+# The keys each format needs, for the message that asks the user to choose a format.
+FORMAT_KEYS = {
+    "align_anything": "question, response_1, response_2, overall_response",
+    "pku_saferlhf": "prompt, response_0, response_1, better_response_id",
+    "prompt_chosen_rejected": "prompt, chosen, rejected (strings)",
+    "chat_messages": "chosen, rejected (message lists)",
+    "preferred_output": "input.messages, preferred_output, non_preferred_output",
+    "hh_rlhf": "chosen, rejected (Human/Assistant transcripts)",
+}
 ROLES = ("system", "user", "assistant")
 PKU_LABEL_KEYS = ("better_response_id", "safer_response_id")
 MAX_EXAMPLES = 10            # how many skipped records a LoadReport keeps for its summary
@@ -100,36 +113,59 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+# What reading a damaged file raises: a .gz that is not gzip (BadGzipFile, an OSError), one cut
+# short (EOFError), corrupt compressed data (zlib.error), or a file that cannot be read (OSError).
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _unreadable(path: Path, error: Exception, line: int | None = None) -> UserError:
+    where = f" after line {line}" if line else ""
+    if isinstance(error, gzip.BadGzipFile):
+        return UserError(f"{path}: not a gzip file ({error}), though its name ends in .gz")
+    if isinstance(error, EOFError):
+        return UserError(f"{path}: the compressed file is truncated{where} ({error}); was it copied completely?")
+    if isinstance(error, zlib.error):
+        return UserError(f"{path}: the compressed data is corrupt{where} ({error})")
+    return UserError(f"{path}: cannot be read{where} ({getattr(error, 'strerror', None) or error})")
+
+
 def _read_records(path: Path):
     """Yield (line, record) pairs; a record that cannot be decoded is yielded as a _Skip."""
     kind = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix   # "data.jsonl.gz" -> ".jsonl"
     if kind == ".jsonl":
-        with _open(path) as f:
-            for line, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue                       # blank lines (often a trailing one) are not records
-                try:
-                    yield line, json.loads(raw)    # bytes in: also reports bad UTF-8 as ValueError
-                except ValueError as e:
-                    yield line, _Skip("malformed_json", str(e))
+        line = 0
+        try:
+            with _open(path) as f:
+                for line, raw in enumerate(f, start=1):
+                    if not raw.strip():
+                        continue                       # blank lines (often a trailing one) are not records
+                    try:
+                        record = json.loads(raw)       # bytes in: also reports bad UTF-8 as ValueError
+                    except (ValueError, RecursionError) as e:   # RecursionError: nested too deeply to decode
+                        record = _Skip("malformed_json", str(e))
+                    yield line, record
+        except READ_ERRORS as e:
+            raise _unreadable(path, e, line) from None
     elif kind == ".json":
-        with _open(path) as f:
-            try:
+        try:
+            with _open(path) as f:
                 document = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
+        except READ_ERRORS as e:
+            raise _unreadable(path, e) from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}: not valid JSON: {e}") from None
         if isinstance(document, dict):
             # {"data": [...], "version": ...}: accept exactly one list-valued key, else ambiguous.
             lists = [key for key, value in document.items() if isinstance(value, list)]
             if len(lists) != 1:
-                raise ValueError(f"{path}: expected a JSON array, or an object with exactly one list "
-                                 f"of records; found list keys {lists} among {sorted(document)}")
+                raise UserError(f"{path}: expected a JSON array, or an object with exactly one list "
+                                f"of records; found list keys {lists} among {sorted(document)}")
             document = document[lists[0]]
         if not isinstance(document, list):
-            raise ValueError(f"{path}: expected a JSON array of records, got {type(document).__name__}")
+            raise UserError(f"{path}: expected a JSON array of records, got {type(document).__name__}")
         yield from enumerate(document, start=1)
     else:
-        raise ValueError(f"{path}: unsupported file type {path.name!r}; expected .json, .jsonl, .json.gz or .jsonl.gz")
+        raise UserError(f"{path}: unsupported file type {path.name!r}; expected .json, .jsonl, .json.gz or .jsonl.gz")
 
 
 def _detect(record: dict, path: Path, line: int) -> str:
@@ -145,8 +181,9 @@ def _detect(record: dict, path: Path, line: int) -> str:
         if isinstance(record["chosen"], list):
             return "chat_messages"
         return "prompt_chosen_rejected" if "prompt" in keys else "hh_rlhf"
-    raise ValueError(f"{path}, line {line}: cannot detect the data format from keys {sorted(keys)}; "
-                     f"known formats: {', '.join(FORMATS)} (pass data_format= to choose one)")
+    needs = "; ".join(f"{name}: {keys}" for name, keys in FORMAT_KEYS.items())
+    raise UserError(f"{path}, line {line}: cannot detect the data format from keys {sorted(keys)}; "
+                    f"the formats and the keys they need are {needs}; choose one with --data_format")
 
 
 # ----------------------------------------------------------------------------- one record
@@ -158,10 +195,11 @@ def _get(record: dict, key: str):
 
 
 def _label(record: dict, key: str, allowed: tuple[int, int]) -> int:
-    """A 0/1 or 1/2 label. Digit strings ("1") are accepted: some exports write labels as text."""
+    """A 0/1 or 1/2 label. Digit strings ("1") are accepted: some exports write labels as text.
+    Only ASCII digits: "²" is a digit to str.isdigit() but not a number to int()."""
     value = _get(record, key)
     number = value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         number = int(value)
     if isinstance(number, bool) or number not in allowed:   # bool is an int subclass: True == 1
         raise _Skip("invalid_label", f"{key}={value!r}, expected one of {allowed}")
@@ -282,6 +320,14 @@ def _check_pair(prompt: list[dict], chosen, rejected, keep_empty: bool) -> None:
         raise _Skip("invalid_messages", "the prompt is empty (no turn before the final answer)")
     if prompt[-1]["role"] != "user":
         raise _Skip("invalid_messages", f"prompt ends with a {prompt[-1]['role']!r} turn, expected 'user'")
+    texts = [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(prompt)]
+    for name, text in texts + [("chosen", chosen), ("rejected", rejected)]:
+        # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 text contains: the tokenizer
+        # would raise on it, aborting the whole load, so the record is skipped here instead.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Skip("invalid_text", f"{name} cannot be encoded as UTF-8 ({e.reason} at character {e.start})")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -298,22 +344,24 @@ def load_preferences(
     Args:
         path: a .json, .jsonl, .json.gz or .jsonl.gz file.
         data_format: "auto" (detect from the first record's keys) or one of FORMATS.
-        strict: raise ValueError (naming file, line and reason) at the first skipped record.
+        strict: raise UserError (naming file, line and reason) at the first skipped record.
         pku_label_key: which PKU-SafeRLHF label decides "chosen": better_response_id
             (helpfulness) or safer_response_id.
         keep_empty_responses: keep pairs whose chosen or rejected answer is empty; off by
             default (hh-rlhf has a few pairs where the preferred answer is empty).
     Raises:
-        FileNotFoundError if path does not exist; ValueError for an undetectable format,
-        an unreadable .json file, or when no record survives (the message has the summary).
+        MissingFileError (a FileNotFoundError) if path does not exist; UserError (a ValueError)
+        for an unreadable or damaged file, an undetectable format, or when no record survives
+        (the message has the summary).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"preference data file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise MissingFileError(f"preference data file {what}: {path}")
     if data_format != "auto" and data_format not in FORMATS:
-        raise ValueError(f"unknown data_format {data_format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown data format {data_format!r} (--data_format); expected 'auto' or one of {', '.join(FORMATS)}")
     if pku_label_key not in PKU_LABEL_KEYS:
-        raise ValueError(f"unknown pku_label_key {pku_label_key!r}; expected one of {', '.join(PKU_LABEL_KEYS)}")
+        raise UserError(f"unknown pku_label_key {pku_label_key!r}; expected one of {', '.join(PKU_LABEL_KEYS)}")
 
     report = LoadReport(path=str(path), format=data_format)
     pairs: list[PreferencePair] = []
@@ -330,13 +378,13 @@ def load_preferences(
             _check_pair(prompt, chosen, rejected, keep_empty_responses)
         except _Skip as skip:
             if strict:
-                raise ValueError(f"{path}, line {line}: {skip.reason}: {skip.detail}") from None
+                raise UserError(f"{path}, line {line}: {skip.reason}: {skip.detail}") from None
             report._record(skip.reason, line, skip.detail)
             continue
         pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, line=line))
     report.kept = len(pairs)
     if not pairs:
-        raise ValueError(f"no usable preference pairs in {path}\n{report.summary()}")
+        raise UserError(f"no usable preference pairs in {path}\n{report.summary()}")
     return pairs, report
 
 
@@ -368,14 +416,16 @@ def split_by_prompt(
     the input order.
     """
     if (eval_fraction is None) == (eval_size is None):
-        raise ValueError("give exactly one of eval_fraction or eval_size")
+        raise ValueError("give exactly one of eval_fraction or eval_size")  # a caller's mistake, not a user's
     keys = list(dict.fromkeys(_prompt_key(pair.prompt) for pair in pairs))   # distinct, first-seen order
     if eval_fraction is not None:
         if not 0.0 < eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+            raise UserError(f"the held-out fraction of prompts must be in (0, 1), got {eval_fraction}")
         eval_size = max(1, round(eval_fraction * len(keys)))
     if not 1 <= eval_size < len(keys):
-        raise ValueError(f"eval_size must be between 1 and {len(keys) - 1} (the data has {len(keys)} distinct prompts), got {eval_size}")
+        raise UserError(
+            f"cannot hold out {eval_size} of the data's {len(keys)} distinct prompt(s) for evaluation and keep "
+            f"at least one for training; use more data, or give a separate evaluation file (--eval_data)")
     random.Random(seed).shuffle(keys)
     eval_keys = set(keys[:eval_size])
     train = [pair for pair in pairs if _prompt_key(pair.prompt) not in eval_keys]

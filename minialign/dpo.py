@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from .logprobs import sequence_logprobs_from_hidden
 from .losses import dpo_loss, simpo_loss
 from .objective import Objective, mean_metrics, preference_sums
 from .precision import autocast_context
+from .progress import Progress
 from .sampler import eval_shard
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
@@ -40,7 +40,6 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 # a time and recomputed in backward. Otherwise its (N, V) logits would outweigh the checkpointed
 # layers: 1024 scored positions x V = 152k in fp32 are 622 MB per copy, and backward holds ~3.
 CHECKPOINT_LOGITS_CHUNK = 256
-PROGRESS_EVERY_S = 10.0  # a progress line at most this often during the reference precomputation
 
 
 def concatenated_logps(model, batch):
@@ -141,7 +140,7 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     table = torch.zeros(len(items), 2, dtype=torch.float64, device=env.device)
     mine = eval_shard(len(items), env.rank, env.world_size)
     precision = autocast_context(dtype, env.device)
-    start, last_print = time.time(), time.time()
+    progress = Progress(f"reference log-probs for {name} (rank 0's share)", len(mine), "pairs", env.is_main)
     # As many batches on every rank as the largest shard needs: a sharded reference (--fsdp)
     # all-gathers inside each forward, so the ranks' forwards must pair up. A rank past its
     # shard scores pair 0 and keeps nothing.
@@ -153,12 +152,7 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
         if not idx:
             continue
         table[idx] = torch.stack(logps.double().chunk(2), dim=-1)
-        done = min(i + batch_size, len(mine))
-        if time.time() - last_print > PROGRESS_EVERY_S and done < len(mine):
-            elapsed = time.time() - start
-            print0(env, f"reference log-probs for {name}: {done}/{len(mine)} pairs (rank 0), "
-                        f"{elapsed:.0f}s elapsed, ETA {elapsed / done * (len(mine) - done):.0f}s")
-            last_print = time.time()
+        progress.advance(len(idx))
     if env.world_size > 1:
         torch.distributed.all_reduce(table)
     return table.float().cpu()

@@ -11,6 +11,9 @@ clauses too.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class UserError(ValueError):
     """A mistake in the user's flags, files or settings; the message says which, and what to do."""
@@ -22,4 +25,22 @@ class MissingFileError(UserError, FileNotFoundError):
     __str__ = Exception.__str__  # FileNotFoundError's own formatting expects (errno, strerror)
 
 
-__all__ = ["UserError", "MissingFileError"]
+def read_json(path, what: str = "") -> object:
+    """The parsed contents of a JSON file the user handed us; a missing or malformed file is a
+    UserError naming it (and `what` it is, e.g. "the checkpoint's config"), never a raw traceback."""
+    path = Path(path)
+    label = f"{path} ({what})" if what else str(path)
+    if not path.is_file():
+        raise MissingFileError(f"{label}: file not found")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)  # bytes in: bad UTF-8 is reported as a ValueError too
+    except RecursionError:
+        raise UserError(f"{label}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise UserError(f"{label}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{label}: cannot be read ({e.strerror or e})") from None
+
+
+__all__ = ["UserError", "MissingFileError", "read_json"]

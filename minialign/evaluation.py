@@ -3,7 +3,7 @@ length bias, repetition, and the implicit reward of a DPO policy.
 
 The statistics are pure functions of plain numbers (numpy only), so they can be tested by hand;
 the summaries below assemble them into the dicts that evaluate.py writes to summary.json.
-Only `implicit_rewards` runs a model.
+Only `implicit_rewards` runs a model; `map_batches` spreads model work over ranks.
 
 Conventions used throughout:
   * "correct" / "win" is a STRICT inequality: a tie (equal scores) is neither a win nor a loss
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .collate import collate_pairs
 from .dpo import concatenated_logps
+from .progress import Progress
 
 N_RESAMPLES = 1000      # bootstrap resamples: the 2.5% quantile then rests on ~25 values, stable to ~0.5 pt
 CONFIDENCE = 0.95
@@ -256,3 +258,40 @@ def implicit_rewards(policy, ref_model, items, beta: float, batch_size: int, pad
             pol_lp += list(zip(pc.tolist(), pr.tolist()))
             ref_lp += list(zip(rc.tolist(), rr.tolist()))
     return chosen, rejected, pol_lp, ref_lp
+
+
+# ------------------------------------------------------------------- sharding over ranks
+
+def batch_ranges(n_items: int, batch_size: int) -> list[range]:
+    """Items 0 .. n-1 cut into consecutive batches of batch_size (the last may be shorter)."""
+    return [range(start, min(start + batch_size, n_items)) for start in range(0, n_items, batch_size)]
+
+
+def map_batches(fn, n_items: int, batch_size: int, env, label: str, unit: str) -> list:
+    """fn over the batches of items 0 .. n-1, shared among the ranks; every rank gets every item's
+    result back, in item order.
+
+    fn(indices: range) -> one result per index (picklable: texts, numbers, id lists).
+    Batch b runs on rank b % world_size, and holds exactly the items it holds in one process: the
+    same rows padded together, so every computed number (and every sampled token, generation being
+    seeded per prompt) is the same whatever the number of ranks. The results travel to all ranks
+    with all_gather_object (small lists; the work, not the gathering, is what takes time).
+    env: a minialign.distributed.DistEnv. Progress lines (rank 0) count rank 0's share."""
+    mine = batch_ranges(n_items, batch_size)[env.rank::env.world_size]
+    share = sum(len(batch) for batch in mine)
+    if env.world_size > 1:
+        label = f"{label} (rank 0's share, {env.world_size} ranks)"
+    progress = Progress(label, share, unit, enabled=env.is_main)
+    results = []
+    for batch in mine:
+        out = list(fn(batch))
+        if len(out) != len(batch):
+            raise RuntimeError(f"map_batches: {label} returned {len(out)} results for {len(batch)} items")
+        results.append((batch.start, out))
+        progress.advance(len(batch))
+    if env.world_size > 1:
+        everyone = [None] * env.world_size
+        dist.all_gather_object(everyone, results)
+        results = [r for rank_results in everyone for r in rank_results]
+    results.sort(key=lambda r: r[0])  # batch starts: item order
+    return [item for _, out in results for item in out]

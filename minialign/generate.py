@@ -5,6 +5,10 @@ chat template's end-of-turn token (<|im_end|>, <|eot_id|>, </s>, ...; minialign.
 Left padding keeps every prompt's last token in the final column, so the next-token logits of
 the whole batch are one slice; positions come from the attention mask (model.py), so padding
 never shifts the rotary phases.
+
+Sampling is seeded per prompt, not per call: row i draws from its own generator (`row_seeds`,
+or the caller's `seeds`), so a prompt's answer does not depend on which other prompts share its
+batch, on the batch size, or on how prompts are split over ranks.
 """
 from __future__ import annotations
 
@@ -14,6 +18,13 @@ import torch
 
 from .collate import collate_prompts
 from .model import KVCache
+
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so row seeds live in
+# [0, 2**32). Row i of a job seeded s gets (s * SEED_SPREAD + i) mod 2**32: distinct for every row
+# of a job, and the jobs of nearby seeds (0, 1, 2, ...) start ~2**32 / 1.618 apart, far from
+# overlapping (Knuth's multiplicative hashing constant, an odd number near 2**32 / golden ratio).
+SEED_SPREAD = 2654435761
+SEED_SPACE = 2**32
 
 
 @dataclass
@@ -34,8 +45,16 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return out
 
 
+def row_seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """The seeds of rows start .. start + n - 1 of a generation seeded `seed`."""
+    return [(seed * SEED_SPREAD + start + i) % SEED_SPACE for i in range(n)]
+
+
 def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax).
+
+    generator: one torch.Generator for the whole batch, or a list of B, one per row (each row's
+    draw then depends on its own generator alone)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -51,6 +70,8 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -58,17 +79,18 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
 def generate(
     model, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-    batch_size: int | None = None, use_cache: bool = True,
+    batch_size: int | None = None, use_cache: bool = True, seeds: list[int] | None = None,
 ) -> Generation:
     """Generate a response for each prompt (message list or pre-formatted string).
 
-    Rows are processed `batch_size` at a time (all at once by default). Sampling is seeded:
-    the same seed and batch give the same text. See generate_tokens for use_cache.
+    Rows are processed `batch_size` at a time (all at once by default). Sampling is seeded per
+    prompt (module docstring): the same seed gives the same texts whatever the batch size. See
+    generate_tokens for use_cache and seeds.
     """
     prompt_ids = encode_prompts(tokenizer, prompts)
     out_ids, finished = generate_tokens(
         model, prompt_ids, tokenizer.eos_token_ids, tokenizer.pad_token_id, max_new_tokens,
-        temperature, top_k, top_p, seed, batch_size, use_cache,
+        temperature, top_k, top_p, seed, batch_size, use_cache, seeds,
     )
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out_ids]
     return Generation(texts, out_ids, finished, prompt_ids)
@@ -78,22 +100,33 @@ def generate(
 def generate_tokens(
     model, prompt_ids: list[list[int]], eos_token_ids, pad_token_id: int, max_new_tokens: int = 128,
     temperature: float = 0.0, top_k=None, top_p=None, seed=None, batch_size=None, use_cache: bool = True,
+    seeds: list[int] | None = None,
 ):
     """Token-level generation: prompt id lists -> (response id lists, finished flags).
 
+    seeds: one per prompt, for a caller that generates a slice of a larger job (a rank's share):
+    giving row_seeds(seed, n, start) reproduces rows start .. start + n - 1 of the whole job.
+    Default: row_seeds(seed, len(prompt_ids)), with seed drawn from torch's global generator when None.
     With use_cache=False every step recomputes the full forward: slow, used to test that the
     cache is exact."""
     batch_size = batch_size or len(prompt_ids)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+    if temperature == 0:  # greedy: nothing is drawn, and torch's global generator is left alone
+        generators = [None] * len(prompt_ids)
+    else:
+        if seeds is None:
+            seed = int(torch.randint(0, SEED_SPACE, ())) if seed is None else seed
+            seeds = row_seeds(seed, len(prompt_ids))
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     was_training = model.training
     model.eval()
     out_ids, finished = [], []
     for start in range(0, len(prompt_ids), batch_size):
         ids, done = _generate_batch(
             model, prompt_ids[start : start + batch_size], list(eos_token_ids), pad_token_id, max_new_tokens,
-            temperature, top_k, top_p, generator, use_cache, device,
+            temperature, top_k, top_p, generators[start : start + batch_size], use_cache, device,
         )
         out_ids += ids
         finished += done

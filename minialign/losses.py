@@ -150,8 +150,9 @@ def simpo_loss(
 
     loss = -log sigmoid(beta * avg_c - beta * avg_r - gamma), where avg is the mean
     log-prob per response token (logps_mean from logprobs.py) and gamma is the target
-    reward margin, in the paper's form. TRL's `simpo_gamma`/`gamma_beta_ratio` is
-    gamma / beta; pass gamma = beta * gamma_beta_ratio to match it.
+    reward margin, in the paper's form. TRL's `simpo_gamma` is this gamma itself (its CPO
+    trainer subtracts simpo_gamma / beta inside the beta-scaled logit); the SimPO authors'
+    own code takes `gamma_beta_ratio` = gamma / beta instead.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] per-token MEAN log-probs.

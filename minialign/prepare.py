@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .collate import tokenize_pairs
 from .data import load_preferences, split_by_prompt
-from .distributed import DistEnv, print0
+from .distributed import DistEnv, gather_objects, print0
 from .errors import UserError
 
 
@@ -65,7 +65,23 @@ def prepare_pairs(tokenizer, cfg: DataConfig, env: DistEnv):
     if not train_items:
         raise UserError(f"no training pair of {cfg.data} survived tokenization (see the report above): "
                         f"raise --max_length, or use --truncation keep_end")
+    check_same_data_on_every_rank(cfg, train_items, eval_items, env)
     return train_items, eval_items
+
+
+def check_same_data_on_every_rank(cfg: DataConfig, train_items, eval_items, env: DistEnv) -> None:
+    """Every rank reads the data from its own disk: a rank whose file differs (another version of
+    the data set on one node) would train on other pairs under the same indices. Compare the
+    files' fingerprints and the pair counts with rank 0's."""
+    if env.world_size == 1:
+        return
+    mine = (file_fingerprint(cfg.data), cfg.eval_data and file_fingerprint(cfg.eval_data), len(train_items),
+            len(eval_items))
+    everyone = gather_objects(mine, env)
+    differ = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differ:
+        raise UserError(f"ranks {differ} read other data than rank 0 ({cfg.data}: fingerprint and pair counts "
+                        f"differ): every node must hold the same --data and --eval_data files")
 
 
 def file_fingerprint(path) -> str:

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import atomic_directory, read_state_dict, save_tensors, write_model_files
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
-from .errors import UserError
+from .errors import UserError, read_json
 from .fsdp import gather_model_state, gather_optimizer_state, is_sharded, scatter_state
 from .run_folder import RunFolder
 
@@ -164,14 +164,9 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     """(state, weights, optimizer tensors) of one checkpoint folder; a UserError naming the file
     when any part is missing or damaged."""
     state_file = folder / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except FileNotFoundError:
-        raise UserError(f"{state_file} is missing") from None
-    except ValueError as e:
-        raise UserError(f"{state_file} is damaged ({e})") from None
+    state = read_json(state_file, "the checkpoint's training state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{state_file} is damaged (no integer 'step')")
     try:
         weights = read_state_dict(folder)
     except UserError:

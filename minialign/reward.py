@@ -43,7 +43,11 @@ def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: i
     """Token ids of prompt + assistant response, ending at the response's end of turn: the same
     sequence training built (collate.conversation_text).
 
-    Too long: the start of the conversation is cut, since the reward is read at the end."""
+    Truncation, the trainer's policy: the reward is read at the last token, which must always be
+    the end-of-turn token, so a conversation longer than max_length loses the START of its prompt
+    (the oldest turns, the system prompt first), never the end of the answer. Only an answer that
+    alone is longer than max_length loses its own start too. An answer that stopped without an
+    end-of-turn token (cut at max_new_tokens) gets the template's end-of-turn text like any other."""
     text, _ = conversation_text(tokenizer, prompt, response)
     ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_ids)
     return ids[-max_length:] if max_length else ids

@@ -33,7 +33,7 @@ from .chat_formats import (  # noqa: F401  (re-exported: the chat formats are pa
     CHAT_FORMATS, CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SHORT_TEMPLATES, detect_chat_format,
 )
 from .chat_jinja import SPECIAL_TOKEN_KEYS, JinjaChatTemplate
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, read_json
 from .hub import resolve_model_path
 
 JINJA = "jinja"  # chat_format: run the template itself with Jinja
@@ -246,10 +246,14 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     for f in (tok_file, cfg_file):
         if not f.is_file():
             raise MissingFileError(f"tokenizer folder {folder}: missing {f.name}")
-    backend = RustTokenizer.from_file(str(tok_file))
-    with open(cfg_file, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        backend = RustTokenizer.from_file(str(tok_file))
+    except Exception as e:  # the Rust library raises a plain Exception for any unreadable file
+        raise UserError(f"{tok_file}: not a readable tokenizer file ({e})") from None
+    config = read_json(cfg_file, "the tokenizer's settings")
     source = str(cfg_file)
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: expected a JSON object of settings, got {type(config).__name__}")
     eos = _token_str(config, "eos_token", source)
     if eos is None:
         raise UserError(f"{source}: missing key 'eos_token'")
@@ -257,8 +261,8 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     extra_eos: list[int] = []
     gen_file = folder / "generation_config.json"
     if gen_file.is_file():
-        with open(gen_file) as f:
-            gen_eos = json.load(f).get("eos_token_id")
+        generation = read_json(gen_file, "the model's generation settings")
+        gen_eos = generation.get("eos_token_id") if isinstance(generation, dict) else None
         extra_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
 
     owned = ("eos_token", "pad_token", "bos_token", "chat_template")

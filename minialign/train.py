@@ -36,6 +36,7 @@ from .errors import UserError
 from .fsdp import is_sharded, local_value
 from .objective import Objective
 from .precision import autocast_context
+from .progress import format_duration
 from .resume import load_training_checkpoint, save_training_checkpoint
 from .run_folder import RunFolder
 from .sampler import eval_shard, global_batches, padding_fraction, rank_micro_batches
@@ -98,7 +99,7 @@ def train_step(model, objective: Objective, micro_batches: list[dict], optimizer
                max_grad_norm: float, precision, env: DistEnv) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches (the module docstring's pseudo-code).
 
-    grad_sync is the gradient synchronisation (distributed.GradReducer, or FSDP's); returns the
+    grad_sync is the gradient synchronisation (reducer.GradReducer, or FSDP's); returns the
     metric sums over the global batch, with the gradient norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -126,7 +127,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
           grad_sync, run: RunFolder, optimizer=None) -> tuple[dict | None, list[dict]]:
     """Train for cfg's steps, evaluating and checkpointing as configured; returns the final eval
     metrics (None without eval pairs) and every logged record. train_items / eval_items are
-    collate.TokenizedPair lists; grad_sync is distributed.GradReducer (or FSDP's); run is the
+    collate.TokenizedPair lists; grad_sync is reducer.GradReducer (or FSDP's); run is the
     claimed run folder (run_folder.py)."""
     optimizer = optimizer or build_optimizer(model, cfg.lr, cfg.weight_decay)
     # Sharded, FSDP's MixedPrecisionPolicy computes in bf16 already: autocast on top would keep a
@@ -338,12 +339,6 @@ class Clock:
         return out
 
 
-def fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -351,7 +346,7 @@ def format_metrics(metrics: dict) -> str:
 def progress_line(record: dict, headline, total: int, clock: Clock) -> str:
     heads = " | ".join(f"{k} {record[k]:.4f}" for k in headline if k in record)
     return (f"step {record['step']}/{total} | {heads} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
-            f" | {fmt_time(record['elapsed_s'])} elapsed | ETA {fmt_time(record['eta_s'])}")
+            f" | {format_duration(record['elapsed_s'])} elapsed | ETA {format_duration(record['eta_s'])}")
 
 
 class MetricsLog:

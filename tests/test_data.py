@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minialign.errors import MissingFileError, UserError
 from minialign.data import FORMATS, PreferencePair, load_preferences, prompts_view, split_by_prompt
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -272,7 +273,8 @@ def test_split_by_prompt_disjoint_and_deterministic():
     assert len({p.prompt[0]["content"] for p in by_size}) == 2              # eval_size counts prompts
     with pytest.raises(ValueError, match="exactly one"):
         split_by_prompt(pairs)
-    with pytest.raises(ValueError, match="eval_size"):
+    # The message speaks of prompts and flags, not of the Python argument (issue 16).
+    with pytest.raises(UserError, match="cannot hold out 20 of the data's 20 distinct prompt.*--eval_data"):
         split_by_prompt(pairs, eval_size=20)
 
 
@@ -297,3 +299,73 @@ def test_real_orca_pairs():
     pairs, report = load_preferences(ORCA_FILE)
     assert report.format == "preferred_output" and report.read == 284 and report.kept == 284
     assert all([m["role"] for m in p.prompt] == ["system", "user"] for p in pairs)
+
+
+# ----------------------------------------------------------------------------- damaged input (issue 16)
+
+def test_damaged_records_are_skipped_with_their_line(tmp_path, tiny_tokenizer_dir):
+    """A lone surrogate anywhere (prompt, chosen, rejected, an earlier turn) is `invalid_text`, a
+    100,000-deep nesting is `malformed_json` (RecursionError, not an abort): each skipped with its
+    line, the rest kept. The kept pairs then tokenize; a surrogate would not have (shown below)."""
+    from minialign import load_tokenizer
+    from minialign.collate import tokenize_pairs
+
+    good = {"prompt": "p", "chosen": "yes", "rejected": "no"}
+    path = write_jsonl(tmp_path / "damaged.jsonl", [
+        good,                                                            # 1 kept
+        {"prompt": "p\ud800", "chosen": "yes", "rejected": "no"},        # 2 invalid_text (prompt)
+        "[" * 100_000 + "]" * 100_000,                                   # 3 malformed_json (too deep)
+        {"prompt": "p", "chosen": "yes\udfff", "rejected": "no"},        # 4 invalid_text (chosen)
+        {"prompt": [user("a\ud83d"), assistant("b"), user("c")], "chosen": "x", "rejected": "y"},  # 5
+        good,                                                            # 6 kept
+    ])
+    pairs, report = load_preferences(path)
+    assert [p.line for p in pairs] == [1, 6]
+    assert report.skipped == {"invalid_text": 3, "malformed_json": 1}
+    assert [(line, reason) for line, reason, _ in report.examples] == [
+        (2, "invalid_text"), (3, "malformed_json"), (4, "invalid_text"), (5, "invalid_text")]
+    assert "prompt[0].content" in report.examples[0][2] and "chosen" in report.examples[2][2]
+    assert "prompt[0].content" in report.examples[3][2]
+    check_invariant(report)
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assert tokenize_pairs(tok, pairs)[1].kept == 2
+    with pytest.raises(Exception):  # why the loader checks: the Rust tokenizer refuses such a string
+        tok.encode("p\ud800")
+
+
+def test_labels_only_ascii_digits(tmp_path):
+    """'²' and '١' (Arabic-Indic one) are digits to str.isdigit(); '²' is no number to int(). Both
+    are invalid labels, skipped, never a crash; ' 2 ' (spaces) is still the label 2."""
+    rows = [{"question": "q", "response_1": "a", "response_2": "b", "overall_response": label}
+            for label in ("\u00b2", "\u0661", " 2 ", 1)]
+    pairs, report = load_preferences(write_jsonl(tmp_path / "labels.jsonl", rows))
+    assert [(p.line, p.chosen) for p in pairs] == [(3, "b"), (4, "a")]
+    assert report.skipped == {"invalid_label": 2}
+    assert [line for line, _, _ in report.examples] == [1, 2]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("nowhere.jsonl", None, "preference data file not found: .*nowhere.jsonl"),
+    ("plain.jsonl.gz", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "plain.jsonl.gz: not a gzip file"),
+    ("cut.jsonl.gz", "truncated-jsonl", r"cut.jsonl.gz: the compressed file is truncated after line \d+"),
+    ("cut.json.gz", "truncated-json", "cut.json.gz: the compressed file is truncated"),
+    ("deep.json", b"[" * 100_000 + b"]" * 100_000, "deep.json: not valid JSON"),
+    ("unknown.jsonl", b'{"text": "x"}\n', r"unknown.jsonl, line 1: cannot detect .*align_anything: question, "
+                                           r"response_1.*hh_rlhf: chosen, rejected.*--data_format"),
+], ids=["missing", "not gzip", "truncated jsonl.gz", "truncated json.gz", "nested too deeply", "unknown format"])
+def test_damaged_files_are_one_user_error_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content == "truncated-jsonl":
+        data = gzip.compress(b"".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}).encode() + b"\n"
+                                      for i in range(200)))
+        content = data[: len(data) // 2]
+    elif content == "truncated-json":
+        data = gzip.compress(json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 200).encode())
+        content = data[: len(data) // 2]
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as caught:
+        load_preferences(path)
+    assert "\n" not in str(caught.value)
+    if content is None:
+        assert isinstance(caught.value, MissingFileError) and isinstance(caught.value, FileNotFoundError)

@@ -154,3 +154,25 @@ def test_fast_pipeline_moves_every_number_the_right_way(fast_demo_root):
     for path in summary["files"].values():
         assert Path(path).is_file() and Path(path).stat().st_size > 0, path
     assert "minialign demo summary" in result.stdout
+
+
+def test_demo_never_deletes_what_it_did_not_create(tmp_path):
+    """A folder under --root that the demo did not write (no record of it) stops the demo with a
+    one-line error and is left untouched; the demo's own earlier outputs are replaced."""
+    from minialign.demo import OWN_OUTPUTS, clear_own_outputs
+    from minialign.errors import UserError
+
+    folders = [tmp_path / "rm", tmp_path / "dpo", tmp_path / "eval"]
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "my_notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="was not written by the demo"):
+        clear_own_outputs(tmp_path, folders)
+    assert (tmp_path / "rm" / "my_notes.txt").read_text() == "mine"
+    (tmp_path / "rm" / "my_notes.txt").unlink()
+    (tmp_path / "rm").rmdir()
+    clear_own_outputs(tmp_path, folders)  # nothing there: the demo records the folders it will write
+    assert json.loads((tmp_path / OWN_OUTPUTS).read_text()) == sorted(str(f) for f in folders)
+    (tmp_path / "dpo").mkdir()  # what a demo run wrote
+    (tmp_path / "dpo" / "metrics.jsonl").write_text("{}")
+    clear_own_outputs(tmp_path, folders)  # its own outputs: removed for a fresh run
+    assert not (tmp_path / "dpo").exists()

@@ -19,8 +19,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minialign.distributed import (DistEnv, GradReducer, InstrumentedGradReducer, all_reduce_sums, barrier, broadcast_parameters,
-                                   destroy_distributed, init_distributed, make_buckets, print0)
+from minialign.distributed import (DistEnv, all_reduce_sums, barrier, broadcast_parameters, destroy_distributed,
+                                   init_distributed, print0)
+from minialign.reducer import GradReducer, InstrumentedGradReducer, make_buckets
 from minialign.config import ModelConfig
 from minialign.model import CausalLM
 
@@ -147,7 +148,7 @@ def run_failing_rank(scenario: str) -> None:
     env = init_distributed(timeout_s=5, device="cpu")
     if env.rank == 1:
         if scenario == "rank_stuck":
-            time.sleep(40)  # far past rank 0's 5 s timeout; the test kills us first
+            time.sleep(300)  # far past rank 0's 5 s timeout; the test kills us first
         raise RuntimeError("rank 1 fails on purpose")
     all_reduce_sums({"x": 1.0}, env)  # must raise after at most the timeout, not hang
 
@@ -321,11 +322,9 @@ def test_parameter_without_gradient_on_one_rank(ranks, scenario):
 
 @pytest.mark.distributed
 def test_raising_rank_ends_the_job(tmp_path):
-    start = time.monotonic()
-    codes, outputs = finish(launch("rank_raises", tmp_path), timeout=60)
-    assert time.monotonic() - start < 60
+    codes, outputs = finish(launch("rank_raises", tmp_path), timeout=150)
     assert codes[1] != 0 and "fails on purpose" in outputs[1]
-    assert codes[0] != 0, outputs[0]  # rank 0 did not hang in its all_reduce
+    assert codes[0] not in (0, -9), outputs[0]  # rank 0 failed by itself: it did not hang in its all_reduce
 
 
 @pytest.mark.distributed
@@ -342,15 +341,13 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
 
 @pytest.mark.distributed
 def test_stuck_rank_times_out(tmp_path):
-    """Rank 1 sleeps 40 s without exiting: only the 5 s collective timeout can free rank 0."""
-    start = time.monotonic()
+    """Rank 1 sleeps 300 s without exiting: only the 5 s collective timeout can free rank 0 (the
+    generous deadline below only absorbs slow process start-up on a loaded machine)."""
     procs = launch("rank_stuck", tmp_path)
-    codes, outputs = finish(procs[:1], timeout=35)
-    elapsed = time.monotonic() - start
+    codes, outputs = finish(procs[:1], timeout=150)
     finish(procs[1:], timeout=0.1)  # kill the sleeper
     assert codes[0] not in (0, -9), outputs[0]  # exited by itself with an error, was not killed
     assert "Timed out" in outputs[0]  # gloo's own timeout message
-    assert elapsed < 35
 
 
 # ---------------------------------------------------------------- single-process tests (no subprocess)

@@ -1,9 +1,12 @@
 """evaluate.py end to end: tiny random models on a tiny preference file, every subcommand run as
 a user would (a subprocess from the repository root). Checks that each output is written, that
-figures are real PNGs, and that summary.json agrees with the per-item files it summarises.
-About 30 s on 2 CPU cores (most of it the interpreter and torch import of each subprocess)."""
+figures are real PNGs, and that summary.json agrees with the per-item files it summarises; and
+that under torchrun (2 gloo ranks) rm, dpo and implicit give what one process gives.
+About 30 s on 2 CPU cores (most of it the interpreter and torch import of each subprocess), plus
+about a minute for the slow 2-rank test."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 HH_RLHF = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PROMPT_LENGTH = 16  # cuts 2 of the 4 QUESTIONS (rendered with ChatML: 17, 20, 16, 16 tokens)
 MIN_FIGURE_BYTES = 10_000  # a blank 4-panel figure is already larger; an empty or failed save is not
 
 QUESTIONS = ["What is the capital of France?", "Can you write a short poem about the sea?",
@@ -31,11 +35,21 @@ ANSWERS = ["Paris.", "The capital of France is Paris, a large city.", "Four.", "
            "The sea is blue and wide.", "I am fine, thank you.", "Sure.", "Hello!"]
 
 
-def run_cli(*args, timeout=120):
-    proc = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(*args, timeout=120, nproc=None):
+    """evaluate.py as a user runs it; nproc: under torchrun with that many ranks (gloo on CPU).
+    One thread per process either way, so that one process and each rank compute alike."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                         f"--master_port={free_port()}"]
+    proc = subprocess.run([sys.executable, *launcher, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"evaluate.py {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_png(path: Path):
@@ -97,9 +111,10 @@ def test_rm(world):
 def test_dpo(world):
     out = world["root"] / "eval_dpo"
     root = world["root"]
-    run_cli("dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
-            "--data", world["data"], "--output", out, "--num_prompts", 10, "--max_new_tokens", 12,
-            "--temperature", 1.0, "--top_p", 0.95, "--batch_size", 3, "--top_k_report", 2, "--n_resamples", 200)
+    stdout = run_cli("dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
+                     "--data", world["data"], "--output", out, "--num_prompts", 10, "--max_new_tokens", 12,
+                     "--temperature", 1.0, "--top_p", 0.95, "--batch_size", 3, "--top_k_report", 2,
+                     "--n_resamples", 200, "--max_prompt_length", MAX_PROMPT_LENGTH)
     summary = json.loads((out / "summary.json").read_text())
     rows = json.loads((out / "generations.json").read_text())
     check_png(out / "dpo_eval.png")
@@ -126,6 +141,14 @@ def test_dpo(world):
         assert all(a["length_tokens"] == 12 for a in answers if not a["finished"])
     assert [r["prompt"] for r in rows] == [[{"role": "user", "content": q}] for q in QUESTIONS]
     assert "2 largest gains" in report and "2 largest losses" in report and "| stopped with end of turn |" in report
+    # Prompts longer than --max_prompt_length were cut for generation, counted independently here.
+    tok = world["tok"]
+    lengths = [len(tok.encode(tok.apply_chat_template(r["prompt"], add_generation_prompt=True))) for r in rows]
+    cut = [n > MAX_PROMPT_LENGTH for n in lengths]
+    assert 0 < sum(cut) < len(cut)  # the test exercises both kinds
+    assert [r["prompt_truncated"] for r in rows] == cut and summary["prompts_truncated"] == sum(cut)
+    assert f"{sum(cut)} prompt(s) longer than max_prompt_length {MAX_PROMPT_LENGTH}" in report
+    assert "generating base answers: 4/4 answers" in stdout and "scoring policy answers: 4/4" in stdout
 
 
 
@@ -214,3 +237,48 @@ def test_rm_on_real_hh_rlhf(world):
     lines = [p["line"] for p in pairs]
     assert lines == sorted(lines) and len(set(lines)) == 12  # a subset without repeats, in file order
     assert all(p["prompt"][-1]["role"] == "user" for p in pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(world, tmp_path):
+    """Under torchrun with 2 ranks each rank runs every other batch (here 4, 3 and 6 batches:
+    uneven shares), exactly the batches one process runs, and rank 0 gathers and writes. So the
+    sampled answers are identical (token for token: generation is seeded per prompt) and every
+    score matches one process's to 1e-6 (the same arithmetic on the same rows; the tolerance
+    covers a kernel that might order a sum differently in another process). Only rank 0 prints."""
+    root = world["root"]
+    commands = {
+        "rm": ["rm", "--reward_model", root / "rm", "--data", world["data"], "--batch_size", 5],
+        "implicit": ["implicit", "--policy", root / "policy", "--ref_model", root / "base", "--data", world["data"],
+                     "--batch_size", 3],
+        "dpo": ["dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
+                "--data", world["data"], "--samples_per_prompt", 2, "--batch_size", 3, "--max_new_tokens", 8,
+                "--temperature", 1.0, "--max_prompt_length", MAX_PROMPT_LENGTH],
+    }
+    outputs = {}
+    for name, argv in commands.items():
+        for nproc in (None, 2):
+            out = tmp_path / f"{name}_{nproc or 1}"
+            stdout = run_cli(*argv, "--n_resamples", 50, "--output", out, "--device", "cpu", nproc=nproc,
+                             timeout=300)
+            assert stdout.count("wrote ") == 1
+            outputs[name, nproc or 1] = out
+
+    def close(a, b):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+    one, two = (json.loads((outputs["rm", n] / "pairs.json").read_text()) for n in (1, 2))
+    assert [p["line"] for p in one] == [p["line"] for p in two] == list(range(1, 17))
+    assert all(close(a["better_reward"], b["better_reward"]) and close(a["worse_reward"], b["worse_reward"])
+               for a, b in zip(one, two, strict=True))
+    one, two = (json.loads((outputs["implicit", n] / "pairs.json").read_text()) for n in (1, 2))
+    assert all(a["line"] == b["line"] and close(a["chosen_reward"], b["chosen_reward"])
+               and close(a["rejected_reward"], b["rejected_reward"]) for a, b in zip(one, two, strict=True))
+    one, two = (json.loads((outputs["dpo", n] / "generations.json").read_text()) for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        for who in ("base", "policy"):
+            assert [s["response"] for s in a[who]["samples"]] == [s["response"] for s in b[who]["samples"]]
+            assert [s["length_tokens"] for s in a[who]["samples"]] == [s["length_tokens"] for s in b[who]["samples"]]
+            assert all(close(s["reward"], t["reward"]) for s, t in zip(a[who]["samples"], b[who]["samples"]))
+    assert any(len({s["response"] for s in r["base"]["samples"]}) > 1 for r in one)  # really sampled

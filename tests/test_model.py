@@ -9,6 +9,7 @@ import torch
 import minialign
 from minialign.checkpoint import read_state_dict, save_model
 from minialign.config import ModelConfig
+from minialign.errors import UserError
 from minialign.model import CausalLM, KVCache, RewardModel, last_token_index
 
 
@@ -248,9 +249,10 @@ def test_missing_unexpected_misshaped_tensors_are_named(tmp_path):
     m = random_model("qwen2", tie_word_embeddings=False)
     good = {k: v.contiguous() for k, v in m.state_dict().items()}
     for name, state, err, pattern in [
-        ("missing", {k: v for k, v in good.items() if k != "model.norm.weight"}, KeyError, "model.norm.weight"),
-        ("unexpected", {**good, "model.extra.weight": torch.zeros(1)}, KeyError, "model.extra.weight"),
-        ("shape", {**good, "model.norm.weight": torch.zeros(31)}, ValueError, "model.norm.weight"),
+        # User mistakes are UserErrors (a ValueError), since issue 16; they were KeyErrors before.
+        ("missing", {k: v for k, v in good.items() if k != "model.norm.weight"}, UserError, "model.norm.weight"),
+        ("unexpected", {**good, "model.extra.weight": torch.zeros(1)}, UserError, "model.extra.weight"),
+        ("shape", {**good, "model.norm.weight": torch.zeros(31)}, UserError, "model.norm.weight"),
     ]:
         d = tmp_path / name
         save_model(m, d)

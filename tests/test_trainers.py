@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import minialign
-from minialign.distributed import DistEnv, GradReducer
+from minialign.distributed import DistEnv
+from minialign.reducer import GradReducer
 from minialign.objective import Objective
 from minialign.run_folder import RunFolder
 from minialign.train import TrainConfig, train
