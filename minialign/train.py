@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .collate import collate_pairs, to_device
-from .distributed import DistEnv, all_reduce_max, all_reduce_sums, barrier, print0
+from .distributed import DistEnv, all_reduce_max, all_reduce_sums, print0
 from .errors import UserError
 from .fsdp import is_sharded, local_value
 from .objective import Objective
