@@ -256,6 +256,8 @@ class Backbone(nn.Module):
             (decoder_layer_at, the reward model's shortcut).
         """
         B, T = input_ids.shape
+        if read_at is not None and kv_cache is not None:
+            raise ValueError("read_at and kv_cache do not combine: the last layer would fill the cache at n positions")
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
