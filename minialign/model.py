@@ -17,7 +17,6 @@ row, C hidden size, H query heads, K key/value heads, D head dim, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -175,7 +174,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def decoder_layer_at(layer: DecoderLayer, x, *, cos, sin, mask, at):
+def decoder_layer_at(x, *, layer: DecoderLayer, cos, sin, mask, at):
     """The reward model's shortcut: `layer` computed only at positions at (B, n) of each row,
     x (B, T, C) -> (B, n, C), equal to layer(x)[b, at[b]].
 
@@ -277,15 +276,14 @@ class Backbone(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, D) each
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
+            run, extra = layer, {"kv_cache": kv_cache, "layer_index": i}
             if read_at is not None and i == len(self.layers) - 1:  # the reward model's shortcut
-                layer = partial(decoder_layer_at, layer, at=read_at)  # (B, T, C) -> (B, n, C)
-            elif kv_cache is not None:
-                layer = partial(layer, kv_cache=kv_cache, layer_index=i)
+                run, extra = decoder_layer_at, {"layer": layer, "at": read_at}  # (B, T, C) -> (B, n, C)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos=cos, sin=sin, mask=mask, use_reentrant=False)
+                x = checkpoint(run, x, cos=cos, sin=sin, mask=mask, **extra, use_reentrant=False)
             else:
-                x = layer(x, cos=cos, sin=sin, mask=mask)
+                x = run(x, cos=cos, sin=sin, mask=mask, **extra)
         if kv_cache is not None:
             kv_cache.length += T
         if read_at is not None and not self.layers:  # no layer to narrow: pick the positions here
