@@ -14,11 +14,14 @@ logits. Writing it that way (instead of log_softmax followed by gather) avoids k
 a second vocabulary-sized [*, V] tensor of log-probabilities. (bf16 logits still get one
 fp32 copy for logsumexp; the hidden-state path below limits that copy to scored positions.)
 
-Two entry points:
+Entry points:
   sequence_logprobs(logits, labels)                     from full logits [B, T, V]
   sequence_logprobs_from_hidden(hidden, weight, labels) from final hidden states; only the
       labelled positions are projected onto the vocabulary, which is where most of the
-      memory of a full [B, T, V] logits tensor goes (V is ~150k for Qwen).
+      memory of a full [B, T, V] logits tensor goes (V is ~150k for Qwen). Training uses this one;
+      it computes z_y - logsumexp(z) as minus the fused cross-entropy (token_logprobs).
+  token_logprobs(hidden, weight, targets)               the same for N gathered positions, for
+      layouts where the predicting position is not simply the previous column (packing.py).
 
 Shape legend: B batch, T time, C hidden size, V vocabulary, N labelled positions.
 """
@@ -31,6 +34,10 @@ from torch.utils.checkpoint import checkpoint
 # The one value that marks a position as "not scored" (same convention as
 # torch.nn.functional.cross_entropy's default ignore_index).
 IGNORE_INDEX = -100
+# With gradient checkpointing on, the vocabulary projection too is done this many positions at
+# a time and recomputed in backward. Otherwise its (N, V) logits would outweigh the checkpointed
+# layers: 1024 scored positions x V = 152k in fp32 are 622 MB per copy, and backward holds ~3.
+CHECKPOINT_LOGITS_CHUNK = 256
 
 
 def _shift(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +88,40 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
 
 
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log p(target) of N tokens from the hidden states that predict them.
+
+    Args:
+        hidden: [N, C] final hidden states (after the final norm), one per predicted token.
+        weight: [V, C] the LM head (or tied embedding) weight, same dtype as hidden.
+        targets: [N] long, the token each hidden state predicts.
+        chunk_size: if given, project at most this many positions at a time and recompute
+            each chunk's logits in the backward pass, so peak memory is O(chunk_size * V)
+            instead of O(N * V). None: one projection of all N positions.
+    Returns:
+        [N] float32.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if chunk_size is None:
+        return _token_logps(hidden, weight, targets)
+    # Without recomputation autograd would keep every chunk's [chunk, V] logits alive until
+    # backward, and chunking would save nothing.
+    return torch.cat([
+        checkpoint(_token_logps, hidden[start:start + chunk_size], weight, targets[start:start + chunk_size],
+                   use_reentrant=False)
+        for start in range(0, n, chunk_size)
+    ])  # (N,)
+
+
 def sequence_logprobs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -104,25 +145,10 @@ def sequence_logprobs_from_hidden(
             f"expected hidden [B, T, C], weight [V, C], labels [B, T]; got {tuple(hidden.shape)}, "
             f"{tuple(weight.shape)}, {tuple(labels.shape)}"
         )
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     targets, mask = _shift(labels)                            # (B, T-1) each
     rows = mask.nonzero(as_tuple=True)[0]                     # (N,) which row each labelled position is in
     selected = hidden[:, :-1][mask]                           # (N, C) hidden states that predict a label
-    selected_targets = targets[mask]                          # (N,)
-
-    n = selected.shape[0]
-    step = n if chunk_size is None else chunk_size
-    pieces = []
-    for start in range(0, n, max(step, 1)):
-        h, y = selected[start:start + step], selected_targets[start:start + step]
-        if chunk_size is None:
-            pieces.append(_token_logps(h, weight, y))
-        else:
-            # Without recomputation autograd would keep every chunk's [chunk, V] logits alive
-            # until backward, and chunking would save nothing.
-            pieces.append(checkpoint(_token_logps, h, weight, y, use_reentrant=False))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    token_logps = token_logprobs(selected, weight, targets[mask], chunk_size)  # (N,)
 
     batch = hidden.shape[0]
     # Scatter-add each token's log-prob into its row: (N,) -> (B,).

@@ -11,8 +11,8 @@ Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), s
 loading a checkpoint is a strict key-and-shape check (see checkpoint.py); the
 hyperparameters come from config.json through config.ModelConfig.
 
-Shape legend: B batch, T time (new tokens), S time of keys (past + new),
-C hidden size, H query heads, K key/value heads, D head dim, V vocabulary.
+Shape legend: B batch, T time (new tokens), S time of keys (past + new), n positions read per
+row, C hidden size, H query heads, K key/value heads, D head dim, V vocabulary.
 """
 from __future__ import annotations
 
@@ -38,9 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        # mean(x^2) = ||x||^2 / C: vector_norm reads x once, where pow then mean take two passes.
-        mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # (..., 1)
-        x = x * torch.rsqrt(mean_sq + self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -72,30 +70,31 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, scaling: RopeScaling | None = None):
-    """cos and signed sin of the rotary angles, (B, T, D) each in fp32: position p rotates the
-    pair (i, i + D/2) by the angle p * f_i, f_i = theta^(-2i/D) (or scaled: rope_inverse_frequencies).
+    """cos and sin of the rotary angles, (B, T, D) each in fp32: position p rotates the pair
+    (i, i + D/2) by the angle p * f_i, f_i = theta^(-2i/D) (or scaled: rope_inverse_frequencies), so
+    both halves of the last dim carry the same angles.
 
-    The sin comes with its first half negated ([-sin, sin]), ready for apply_rope's roll.
     fp32 on purpose: in bf16, positions above a few hundred lose their low bits and the angles drift.
     """
     inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, positions.device)  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, D) each
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): the pair (i, i + D/2) shares angle i
+    return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, signed_sin):
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the two halves of the last dim: each pair (i, i + D/2) turned by 90 degrees."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
     """Rotate-half RoPE (Su et al. 2021, eq. 34 in the half-split layout) on x (B, nh, T, D), in fp32:
-    x * cos + rotate_half(x) * sin, where rotate_half([x1, x2]) = [-x2, x1].
-
-    rotate_half(x) * sin = roll(x, D/2) * [-sin, sin]: one roll replaces split, negate and concatenate,
-    and addcmul fuses the multiply-add. Fewer passes over q and k (elementwise passes are a
-    visible share of a CPU training step).
-    """
+    each pair (x_i, x_{i+D/2}) rotated by its angle, x * cos + rotate_half(x) * sin."""
     dtype = x.dtype
     x = x.float()
-    cos, signed_sin = cos[:, None], signed_sin[:, None]  # (B, 1, T, D) broadcast over heads
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin).to(dtype)
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
+    return (x * cos + rotate_half(x) * sin).to(dtype)
 
 
 class KVCache:
@@ -115,6 +114,26 @@ class KVCache:
         return self.k[layer][:, :, : self.length + T], self.v[layer][:, :, : self.length + T]
 
 
+def attend(q, k, v, mask):
+    """Scaled dot-product attention (Vaswani et al. 2017, eq. 1), softmax(q k^T / sqrt(D)) v, over the
+    keys that the mask lets each query see.
+
+    q (B, H, Tq, D); k and v (B, K, S, D), each key/value head shared by H/K query heads (grouped-query
+    attention, Ainslie et al. 2023); mask (B, 1, Tq, S) bool, True where the query may see the key, or
+    None for plain causal attention (Tq = S). Returns (B, H, Tq, D).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if mask is not None and q.is_cuda and groups > 1:
+        # On CUDA a mask rules out the flash kernel, and the memory-efficient kernel (the one that takes
+        # a mask) accepts grouped heads only in recent torch (2.13's docs: "GQA works only for flash and
+        # math"). Without this, SDPA would fall silently to the math kernel, which materialises the
+        # (B, H, Tq, S) scores in fp32. Repeating each key/value head H/K times keeps it on a fused kernel.
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -129,29 +148,31 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, at=None):
-        """x (B, T, C) -> (B, T, C); with `at` (B,), only the query at position at[b] of each row
-        is computed, against the keys and values of every position: -> (B, 1, C)."""
+    def queries(self, x, cos, sin):
+        """x (B, T, C) -> rotated queries (B, H, T, D)."""
         B, T, _ = x.shape
-        xq = x if at is None else take_positions(x, at)  # (B, Tq, C)
-        q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)  # (B, Tq, H, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        if self.qk_norm:  # qwen3 normalises each head before the rotation
+            q = self.q_norm(q)
+        return apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+
+    def keys_values(self, x, cos, sin):
+        """x (B, T, C) -> rotated keys and values, (B, K, T, D) each."""
+        B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        if self.qk_norm:  # qwen3 normalises each head before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, D)
-        cos_q, sin_q = (cos, sin) if at is None else (take_positions(cos, at), take_positions(sin, at))
-        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)  # (B, K, T, D) each
+
+    def forward(self, x, *, cos, sin, mask, kv_cache: KVCache | None = None, layer_index: int = 0):
+        """x (B, T, C) -> (B, T, C)."""
+        q = self.queries(x, cos, sin)  # (B, H, T, D)
+        k, v = self.keys_values(x, cos, sin)  # (B, K, T, D)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
-        if at is not None:  # the keys that the one query per row may see
-            mask = query_mask_at(mask, at, k.shape[2])
-        # mask is None: plain causal attention (no padding that a real query could see).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, H, Tq, D)
-        y = y.transpose(1, 2).reshape(B, q.shape[2], self.n_head * self.head_dim)  # (B, Tq, H*D)
-        return self.o_proj(y)
+            k, v = kv_cache.update(layer_index, k, v)  # (B, K, S, D): the past and the new
+        y = attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).flatten(2))  # (B, T, H*D) -> (B, T, C)
 
 
 class MLP(nn.Module):
@@ -175,16 +196,47 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, at=None):
+    def forward(self, x, *, cos, sin, mask, kv_cache: KVCache | None = None, layer_index: int = 0):
+        """x (B, T, C) -> (B, T, C)."""
         h = self.input_layernorm(x)
-        if at is not None:  # only position at[b] of each row is read: keep the residual stream there
-            x = take_positions(x, at)  # (B, 1, C)
-        x = x + self.self_attn(h, cos, sin, mask, kv_cache, layer, at)
+        x = x + self.self_attn(h, cos=cos, sin=sin, mask=mask, kv_cache=kv_cache, layer_index=layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def decoder_layer_at(x, *, layer: DecoderLayer, cos, sin, mask, at):
+    """The reward model's shortcut: `layer` computed only at positions at (B, n) of each row,
+    x (B, T, C) -> (B, n, C), equal to layer(x)[b, at[b]].
+
+    A reward is read at a few positions per row (the last real token; packing.py reads two). In the
+    last layer no other position's output reaches them: attention needs the keys and values of every
+    position, but the queries, the attention output, o_proj, the MLP and both residual additions are
+    needed only at the read positions. Run as the last layer, this skips (T - n) / T of that layer's
+    q, o and MLP matmuls and of its attention (at 4 layers about a quarter of a step's matmuls)."""
+    h = layer.input_layernorm(x)  # (B, T, C): the keys and values need every position
+    attn = layer.self_attn
+    k, v = attn.keys_values(h, cos, sin)  # (B, K, T, D)
+    q = attn.queries(take_positions(h, at), take_positions(cos, at), take_positions(sin, at))  # (B, H, n, D)
+    y = attend(q, k, v, mask_rows(mask, at, k.shape[2]))  # (B, H, n, D)
+    x = take_positions(x, at) + attn.o_proj(y.transpose(1, 2).flatten(2))  # (B, n, C)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def take_positions(x, at):
+    """x (B, T, ...) -> (B, n, ...): positions at[b] (n of them) of each row b."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], at]
+
+
+def mask_rows(mask, at, S: int):
+    """The rows of a (B, 1, T, S) boolean mask for the queries at positions at (B, n): (B, 1, n, S).
+    mask None stands for plain causal attention: each query sees the keys up to its own position."""
+    if mask is None:
+        return (torch.arange(S, device=at.device) <= at[..., None])[:, None]  # (B, n, S) -> (B, 1, n, S)
+    return take_positions(mask[:, 0], at)[:, None]  # (B, T, S) -> (B, n, S) -> (B, 1, n, S)
+
+
 def attention_mask_4d(attention_mask, T: int, past: int):
-    """Boolean (B, 1, T, S) mask: key s is visible to query t if s is real and s <= past + t.
+    """Boolean (B, 1, T, S) mask from a (B, S) padding mask: key s is visible to query t if s is real
+    and s <= past + t.
 
     Returns None when plain causal attention is exact, so SDPA can take its fused causal path:
     that holds when there is no cache and padding is only on the right, because a real
@@ -192,8 +244,6 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     no key at all (a row of -inf, NaN after softmax), so each query always sees itself;
     their outputs are unused either way.
     """
-    if attention_mask is None:
-        return None
     m = attention_mask.bool()  # (B, S)
     if past == 0 and bool((m[:, :-1] >= m[:, 1:]).all()):  # right-padded (or unpadded)
         return None
@@ -203,21 +253,6 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     visible = (k_pos <= q_pos) & m[:, None, :]  # (B, T, S)
     visible |= k_pos == q_pos  # each query sees itself
     return visible[:, None]  # (B, 1, T, S)
-
-
-def take_positions(x, at):
-    """x (B, T, ...) -> (B, 1, ...): position at[b] of each row b, keeping a time axis of one."""
-    return x[torch.arange(x.shape[0], device=x.device), at][:, None]
-
-
-def query_mask_at(mask, at, S: int):
-    """Boolean (B, 1, 1, S): the keys visible to one query per row, the one at position at[b].
-
-    mask is attention_mask_4d's (B, 1, T, S) mask, or None for plain causal attention (keys up
-    to the query's own position)."""
-    if mask is None:
-        return (torch.arange(S, device=at.device)[None, :] <= at[:, None])[:, None, None]
-    return mask[torch.arange(at.shape[0], device=at.device), :, at][:, :, None]  # (B, 1, S) -> (B, 1, 1, S)
 
 
 def positions_from_mask(attention_mask, T: int):
@@ -237,35 +272,53 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, read_at=None):
-        """read_at (B,): when the caller reads one position per row (a reward model reads the last
-        real token), the last layer computes its queries, attention output and MLP only there
-        (its keys and values still come from every position) and the result is (B, C). Exact:
-        no other position of the last layer reaches that output."""
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, position_ids=None,
+                read_at=None):
+        """(B, T) ids -> (B, T, C) hidden states after the final norm.
+
+        attention_mask: (B, S) with 1 on real tokens, padding left or right (S = past + T); or a ready
+            boolean (B, 1, T, S) mask, True where query t may see key s, for rows that are not one
+            sequence each (packing.py's [prompt | chosen | rejected]); position_ids are then required.
+        position_ids: (B, T) rotary position of each token; by default counted from the (B, S) mask.
+        read_at: (B, n) positions to return, (B, n, C); the last layer then runs only there
+            (decoder_layer_at, the reward model's shortcut).
+        """
         B, T = input_ids.shape
+        if read_at is not None and kv_cache is not None:
+            raise ValueError("read_at and kv_cache do not combine: the last layer would fill the cache at n positions")
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (B, past + T):
+        if attention_mask.dim() == 4:  # a ready mask: used as it is
+            if attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, past + T):
+                raise ValueError(f"a 4-D attention_mask must be bool of shape {(B, 1, T, past + T)}, "
+                                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs position_ids: positions cannot be counted from it")
+            mask = attention_mask
+        elif attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        positions = positions_from_mask(attention_mask, T)  # (B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+        else:
+            mask = attention_mask_4d(attention_mask, T, past)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask, T)  # (B, T)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
                                 self.cfg.rope_scaling)  # (B, T, D) each
-        mask = attention_mask_4d(attention_mask, T, past)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            at = read_at if i == len(self.layers) - 1 else None
+            run, extra = layer, {"kv_cache": kv_cache, "layer_index": i}
+            if read_at is not None and i == len(self.layers) - 1:  # the reward model's shortcut
+                run, extra = decoder_layer_at, {"layer": layer, "at": read_at}  # (B, T, C) -> (B, n, C)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, mask, None, i, at, use_reentrant=False)
+                x = checkpoint(run, x, cos=cos, sin=sin, mask=mask, **extra, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i, at)
+                x = run(x, cos=cos, sin=sin, mask=mask, **extra)
         if kv_cache is not None:
             kv_cache.length += T
         if read_at is not None and not self.layers:  # no layer to narrow: pick the positions here
             x = take_positions(x, read_at)
-        x = self.norm(x)  # (B, T, C), or (B, 1, C) with read_at
-        return x if read_at is None else x[:, 0]
+        return self.norm(x)  # (B, T, C), or (B, n, C) with read_at
 
 
 class _GradientCheckpointingSwitch:
@@ -290,12 +343,13 @@ class CausalLM(_GradientCheckpointingSwitch, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         init_weights(self, cfg.initializer_range)
 
-    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
-        """(B, T) -> (B, T, C) after the final norm; training projects only labelled positions."""
-        return self.model(input_ids, attention_mask, kv_cache)
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None):
+        """(B, T) -> (B, T, C) after the final norm; training projects only labelled positions.
+        Arguments as Backbone.forward."""
+        return self.model(input_ids, attention_mask, kv_cache, position_ids=position_ids)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None):
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None):
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache, position_ids))  # (B, T, V)
 
 
 def last_token_index(attention_mask):
@@ -316,12 +370,17 @@ class RewardModel(_GradientCheckpointingSwitch, nn.Module):
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None):
-        """(B, T) ids -> (B,) fp32 rewards."""
+        """(B, T) ids -> (B,) fp32 rewards, each read at its row's last real token."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         last = last_token_index(attention_mask)  # (B,)
-        h_last = self.model(input_ids, attention_mask, read_at=last)  # (B, C), the last layer run only there
-        return self.score(h_last).squeeze(-1).float()  # (B,)
+        return self.rewards_at(input_ids, attention_mask, last[:, None])[:, 0]  # (B,)
+
+    def rewards_at(self, input_ids, attention_mask, at, position_ids=None):
+        """score(h) at positions at (B, n) of each row -> (B, n) fp32; the last layer runs only there.
+        attention_mask and position_ids as Backbone.forward."""
+        h = self.model(input_ids, attention_mask, position_ids=position_ids, read_at=at)  # (B, n, C)
+        return self.score(h).squeeze(-1).float()  # (B, n)
 
 
 @torch.no_grad()

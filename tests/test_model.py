@@ -153,6 +153,38 @@ def test_reward_last_layer_only_at_read_position(arch, over, side, ckpt):
 
 
 @pytest.mark.parametrize("arch,over", ARCHS)
+def test_ready_4d_mask_with_position_ids_equals_the_2d_mask(arch, over):
+    """The same left-padded batch given as a (B, S) padding mask, and as a ready boolean (B, 1, T, T)
+    mask written out here (causal, real keys only, each query sees itself) with the positions
+    counted by hand: the same logits at every real token."""
+    m = random_model(arch, **over)
+    torch.manual_seed(6)
+    ids = torch.randint(3, 101, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])
+    ready = torch.ones(6, 6, dtype=torch.bool).tril() & mask.bool()[:, None, :]  # (B, T, T)
+    ready |= torch.eye(6, dtype=torch.bool)
+    out_2d, out_4d = m(ids, mask), m(ids, ready[:, None], position_ids=positions)
+    real = mask.bool()
+    torch.testing.assert_close(out_4d[real], out_2d[real], atol=1e-5, rtol=1e-5)
+
+
+def test_ready_mask_errors_are_clear():
+    m = random_model("qwen2")
+    ids = torch.randint(3, 101, (2, 4))
+    ready = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    positions = torch.arange(4).expand(2, 4)
+    with pytest.raises(ValueError, match="needs position_ids"):
+        m(ids, ready)
+    with pytest.raises(ValueError, match="must be bool of shape"):
+        m(ids, ready.float(), position_ids=positions)
+    with pytest.raises(ValueError, match="must be bool of shape"):
+        m(ids, ready[:, :, :3], position_ids=positions)
+    with pytest.raises(ValueError, match="do not combine"):
+        m.model(ids, kv_cache=KVCache(m.config, 2, 4, "cpu", torch.float32), read_at=torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch,over", ARCHS)
 def test_save_load_round_trip_exact(tmp_path, arch, over):
     m = random_model(arch, **over)
     save_model(m, tmp_path / "ckpt")
