@@ -79,7 +79,7 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
                 "truncation": args.truncation,
                 **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
     tables = {name: reference_table(ref_model, ref_dir, tokenizer, items, name, args.eval_batch_size or args.batch_size,
-                                    dtype, settings, cache_dir, env)
+                                    dtype, settings, cache_dir, env, packed=args.prefix_sharing)
               for name, items in (("train", train_items), ("eval", eval_items))}
     return precomputed_reference(tables)  # the reference model is no longer referenced: its memory is freed
 

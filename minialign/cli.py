@@ -164,6 +164,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     t.add_argument("--eval_batch_size", type=positive_int, default=None, help="pairs per rank per eval step "
                    "(default: --batch_size)")
     t.add_argument("--group_by_length", action="store_true", help="batch pairs of similar length to cut padding")
+    t.add_argument("--prefix_sharing", action=argparse.BooleanOptionalAction, default=True,
+                   help="one row [prompt | chosen | rejected] per pair, the prompt computed once (exact); "
+                        "--no-prefix_sharing: chosen and rejected as two rows")
     t.add_argument("--pad_to_multiple_of", type=positive_int, default=None,
                    help="round each batch's length up (e.g. 8 for tensor cores)")
     t.add_argument("--gradient_checkpointing", action="store_true",
@@ -213,6 +216,7 @@ def train_config(args, dtype: str, run_settings: dict) -> TrainConfig:
         lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
         grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, group_by_length=args.group_by_length,
+        prefix_sharing=args.prefix_sharing,
         pad_to_multiple_of=args.pad_to_multiple_of, dtype=dtype, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, save_total_limit=args.save_total_limit,
         resume=args.resume, resume_anyway=args.resume_anyway, run_settings=run_settings)

@@ -26,20 +26,17 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import save_tensors
-from .collate import collate_pairs, to_device
+from .collate import to_device
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
-from .logprobs import sequence_logprobs_from_hidden
+from .logprobs import CHECKPOINT_LOGITS_CHUNK, sequence_logprobs_from_hidden
 from .losses import dpo_loss, simpo_loss
 from .objective import Objective, mean_metrics, preference_sums
+from .packing import collate, is_packed, packed_logps
 from .precision import autocast_context
 from .progress import Progress
 from .sampler import eval_shard
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
-# With gradient checkpointing on, the vocabulary projection too is done this many positions at
-# a time and recomputed in backward. Otherwise its (N, V) logits would outweigh the checkpointed
-# layers: 1024 scored positions x V = 152k in fp32 are 622 MB per copy, and backward holds ~3.
-CHECKPOINT_LOGITS_CHUNK = 256
 
 
 def concatenated_logps(model, batch):
@@ -52,11 +49,21 @@ def concatenated_logps(model, batch):
     return sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"], chunk_size=chunk)
 
 
+def answer_logps(model, batch):
+    """(chosen_sum, rejected_sum, chosen_mean, rejected_mean), (B,) each in fp32, from either layout:
+    one packed row per pair (packing.packed_logps, the prompt computed once) or chosen and
+    rejected rows (concatenated_logps). The same numbers to rounding (tests/test_packing.py)."""
+    if is_packed(batch):
+        return packed_logps(model, batch)
+    logps_sum, logps_mean = concatenated_logps(model, batch)  # (2B,) each
+    return (*logps_sum.chunk(2), *logps_mean.chunk(2))
+
+
 def live_reference(ref_model):
     """The reference as a function of the batch: a forward of the frozen model, no graph."""
     def reference(batch):
         with torch.no_grad():
-            return concatenated_logps(ref_model, batch)[0].chunk(2)  # (B,) chosen, (B,) rejected
+            return answer_logps(ref_model, batch)[:2]  # (B,) chosen, (B,) rejected
     return reference
 
 
@@ -79,9 +86,7 @@ def dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing
         raise ValueError(f"loss_type {loss_type!r} needs a reference (live_reference or precomputed_reference)")
 
     def loss(model, batch):
-        logps_sum, logps_mean = concatenated_logps(model, batch)  # (2B,) each
-        chosen, rejected = logps_sum.chunk(2)  # (B,) each
-        chosen_mean, rejected_mean = logps_mean.chunk(2)
+        chosen, rejected, chosen_mean, rejected_mean = answer_logps(model, batch)  # (B,) each
         if loss_type == "simpo":  # reference-free, on per-token averages (Meng et al. 2024 eq. 6)
             losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_mean, rejected_mean, beta, simpo_gamma)
         else:
@@ -131,7 +136,7 @@ def reference_cache_key(items, ref_dir, tokenizer, settings: dict) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dtype: str, pad_id: int,
-                            name: str = "pairs") -> torch.Tensor:
+                            name: str = "pairs", packed: bool = False) -> torch.Tensor:
     """(N, 2) summed log-probs [chosen, rejected] of every pair under the reference, on the CPU.
 
     Each rank scores a disjoint shard of rows into a zero table; an all-reduce SUM of the tables
@@ -146,12 +151,12 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     # shard scores pair 0 and keeps nothing.
     for i in range(0, math.ceil(len(items) / env.world_size), batch_size):
         idx = mine[i:i + batch_size]
-        batch = to_device(collate_pairs([items[j] for j in idx or [0]], pad_id), env.device)
+        batch = to_device(collate([items[j] for j in idx or [0]], pad_id, packed), env.device)
         with precision:
-            logps = concatenated_logps(ref_model, batch)[0]  # (2B,)
+            chosen, rejected = answer_logps(ref_model, batch)[:2]  # (B,) each
         if not idx:
             continue
-        table[idx] = torch.stack(logps.double().chunk(2), dim=-1)
+        table[idx] = torch.stack([chosen, rejected], dim=-1).double()
         progress.advance(len(idx))
     if env.world_size > 1:
         torch.distributed.all_reduce(table)
@@ -159,20 +164,22 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
 
 
 def reference_table(ref_model, ref_dir, tokenizer, items, name: str, batch_size: int, dtype: str, settings: dict,
-                    cache_dir, env: DistEnv) -> torch.Tensor | None:
+                    cache_dir, env: DistEnv, packed: bool = False) -> torch.Tensor | None:
     """The (N, 2) reference log-probs of one split, read from the cache when its key matches,
-    else computed (compute_reference_logps) and cached. Rank 0 reads the cache and broadcasts
-    it, so ranks need no shared file system. None for an empty split."""
+    else computed (compute_reference_logps, in the training's layout) and cached. Rank 0 reads
+    the cache and broadcasts it, so ranks need no shared file system. None for an empty split."""
     if not items:
         return None
-    key = reference_cache_key(items, ref_dir, tokenizer, {**settings, "dtype": dtype})
+    # The layout is in the key: both give the same numbers to rounding, but a cache should give
+    # back exactly what this run would compute.
+    key = reference_cache_key(items, ref_dir, tokenizer, {**settings, "dtype": dtype, "packed": packed})
     path = Path(cache_dir) / f"ref_logps-{name}-{key}.safetensors"
     cached = load_file(str(path))["ref_logps"] if env.is_main and path.is_file() else None
     if broadcast_object(cached is not None, env):
         table = broadcast_tensors({"t": cached} if env.is_main else None, env)["t"].cpu()
         print0(env, f"reference log-probs for {name}: reused {path}")
         return table
-    table = compute_reference_logps(ref_model, items, batch_size, env, dtype, tokenizer.pad_token_id, name)
+    table = compute_reference_logps(ref_model, items, batch_size, env, dtype, tokenizer.pad_token_id, name, packed)
     if env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -183,5 +190,5 @@ def reference_table(ref_model, ref_dir, tokenizer, items, name: str, batch_size:
     return table
 
 
-__all__ = ["LOSS_TYPES", "concatenated_logps", "live_reference", "precomputed_reference", "dpo_objective",
+__all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "live_reference", "precomputed_reference", "dpo_objective",
            "summarize_dpo", "reference_table", "compute_reference_logps", "reference_cache_key"]

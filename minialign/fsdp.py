@@ -82,6 +82,8 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if isinstance(model, CausalLM):
         register_fsdp_forward_method(model, "hidden_states")  # gathers the root as forward() would
+    else:
+        register_fsdp_forward_method(model, "rewards_at")  # the packed layout's reward (packing.py)
     # The reward model returns its rewards as a view (squeeze), which FSDP warns about in case the
     # caller modifies it in place; the losses (losses.py) never do.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPRewardModel\) returned a view tensor")

@@ -52,11 +52,29 @@ from __future__ import annotations
 
 import torch
 
-from .collate import TokenizedPair
+from .collate import TokenizedPair, collate_pairs
 from .logprobs import CHECKPOINT_LOGITS_CHUNK, IGNORE_INDEX, token_logprobs
 
 # What each column of a packed row holds (segment_ids).
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+
+
+def is_packed(batch: dict) -> bool:
+    """Does this batch hold one row per pair (collate_packed) rather than two (collate.collate_pairs)?
+    Only collate_packed writes the segment lengths."""
+    return "prompt_lengths" in batch
+
+
+def collate(pairs: list[TokenizedPair], pad_token_id: int, packed: bool, pad_to_multiple_of: int | None = None) -> dict:
+    """The batch of either layout: one row per pair (prefix sharing) or chosen and rejected rows."""
+    if packed:
+        return collate_packed(pairs, pad_token_id, pad_to_multiple_of)
+    return collate_pairs(pairs, pad_token_id, pad_to_multiple_of)
+
+
+def row_length(pair: TokenizedPair, packed: bool) -> int:
+    """Columns a pair needs in its batch: P + C + R packed, P + max(C, R) for two rows."""
+    return packed_length(pair) if packed else pair.length
 
 
 def packed_length(pair: TokenizedPair) -> int:

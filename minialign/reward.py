@@ -13,19 +13,28 @@ import torch
 from .collate import conversation_text, through_last_end_of_turn
 from .losses import bradley_terry_loss
 from .objective import Objective, preference_sums
+from .packing import is_packed, packed_rewards
 
 
 def reward_objective(center_rewards_coef: float = 0.0, margin: float | None = None) -> Objective:
     """The Bradley-Terry objective: rewards of the [2B, T] batch's rows, chosen rows first."""
 
     def loss(model, batch):
-        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,), read at each row's last token
-        chosen, rejected = rewards.chunk(2)  # (B,) each
+        chosen, rejected = pair_rewards(model, batch)  # (B,) each
         losses, chosen, rejected = bradley_terry_loss(chosen, rejected, margin=margin,
                                                       center_rewards_coef=center_rewards_coef)
         return losses, preference_sums(chosen, rejected)
 
     return Objective(loss, summarize_rewards, headline=("loss", "accuracy", "margin"))
+
+
+def pair_rewards(model, batch):
+    """(chosen, rejected) rewards, (B,) each, read at each answer's last token (its end of turn):
+    from one packed row per pair (packing.packed_rewards, the prompt computed once) or from the
+    [2B, T] batch, chosen rows first."""
+    if is_packed(batch):
+        return packed_rewards(model, batch)
+    return model(batch["input_ids"], batch["attention_mask"]).chunk(2)  # (2B,) -> (B,), (B,)
 
 
 def summarize_rewards(s: dict) -> dict[str, float]:

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .collate import collate_pairs, to_device
+from .collate import to_device
 from .distributed import DistEnv, all_reduce_max, all_reduce_sums, print0
 from .errors import UserError
 from .fsdp import is_sharded, local_value
 from .objective import Objective
+from .packing import collate, packed_length, row_length
 from .precision import autocast_context
 from .progress import format_duration
 from .resume import load_training_checkpoint, save_training_checkpoint
@@ -56,6 +57,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_batch_size: int | None = None
     group_by_length: bool = False
+    prefix_sharing: bool = False  # one row [prompt | chosen | rejected] per pair (packing.py)
     pad_to_multiple_of: int | None = None
     dtype: str = "fp32"  # "bf16": autocast, fp32 master weights
     seed: int = 0
@@ -133,7 +135,8 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     # Sharded, FSDP's MixedPrecisionPolicy computes in bf16 already: autocast on top would keep a
     # bf16 copy of every gathered weight until backward (fsdp.py).
     precision = autocast_context("fp32" if is_sharded(model) else cfg.dtype, env.device)
-    plan = StepPlan(len(train_items), cfg, env, [it.length for it in train_items] if cfg.group_by_length else None)
+    lengths = [row_length(it, cfg.prefix_sharing) for it in train_items] if cfg.group_by_length else None
+    plan = StepPlan(len(train_items), cfg, env, lengths)
     print0(env, plan.describe(train_items))
     step = resume_if_asked(run, model, optimizer, cfg, plan, env)
     # From here on each record's peak_memory_mb is the peak of its own phase (a step, an eval).
@@ -142,8 +145,8 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     clock = Clock(step, plan.total)
     eval_metrics = None
     while step < plan.total:
-        batches = [make_batch(train_items, ids, tokenizer.pad_token_id, "train", env.device, cfg.pad_to_multiple_of)
-                   for ids in plan.micro_batches(step)]
+        batches = [make_batch(train_items, ids, tokenizer.pad_token_id, "train", env.device, cfg.prefix_sharing,
+                              cfg.pad_to_multiple_of) for ids in plan.micro_batches(step)]
         lr = learning_rate(step, plan.total, cfg.lr, cfg.warmup_ratio)
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
@@ -199,22 +202,31 @@ class StepPlan:
     def describe(self, items) -> str:
         """One line: pairs, global batch, steps, and the share of batch slots that is padding."""
         first = global_batches(self.n, self.global_batch, self.cfg.seed, 0, self.lengths)
-        rows = [[len(items[i].prompt_ids) + len(a) for i in mb for a in (items[i].chosen_ids, items[i].rejected_ids)]
-                for b in first for r in range(self.env.world_size)
-                for mb in rank_micro_batches(b, r, self.env.world_size, self.cfg.grad_accum)]
+        def rows(i):  # the real lengths of the rows pair i fills: one packed row, or chosen and rejected
+            it = items[i]
+            if self.cfg.prefix_sharing:
+                return [packed_length(it)]
+            return [len(it.prompt_ids) + len(it.chosen_ids), len(it.prompt_ids) + len(it.rejected_ids)]
+
+        batches = [[n for i in mb for n in rows(i)] for b in first for r in range(self.env.world_size)
+                   for mb in rank_micro_batches(b, r, self.env.world_size, self.cfg.grad_accum)]
+        per_pair = sum(map(sum, batches)) / sum(len(b) for b in first)
+        layout = "one row [prompt | chosen | rejected] per pair" if self.cfg.prefix_sharing else "two rows per pair"
         return (f"{self.n} training pairs, global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
-                f"{self.total} steps; padding {100 * padding_fraction(rows):.1f}% of batch slots"
-                f"{' (grouped by length)' if self.lengths else ''}")
+                f"{self.total} steps; {layout}, {per_pair:.0f} token positions per pair; padding "
+                f"{100 * padding_fraction(batches):.1f}% of batch slots{' (grouped by length)' if self.lengths else ''}")
 
 
-def make_batch(items, indices: list[int], pad_id: int, split: str, device, pad_to_multiple_of=None) -> dict:
-    """Collate the tokenized pairs `indices` of a split into one batch on the device. Besides the
-    tensors (collate.collate_pairs), the batch says where its pairs come from — `split` and
-    `pair_index` (B,) — so that an objective can look up values computed per pair beforehand
-    (DPO's precomputed reference log-probs), and how many real tokens it holds."""
-    batch = collate_pairs([items[i] for i in indices], pad_id, pad_to_multiple_of)
+def make_batch(items, indices: list[int], pad_id: int, split: str, device, packed: bool = False,
+               pad_to_multiple_of=None) -> dict:
+    """Collate the tokenized pairs `indices` of a split into one batch on the device: one row per
+    pair with prefix sharing (packing.collate_packed), else chosen and rejected rows
+    (collate.collate_pairs). Besides the tensors, the batch says where its pairs come from —
+    `split` and `pair_index` (B,) — so that an objective can look up values computed per pair
+    beforehand (DPO's precomputed reference log-probs), and how many real tokens it holds."""
+    batch = collate([items[i] for i in indices], pad_id, packed, pad_to_multiple_of)
     batch["pair_index"] = torch.tensor(indices, dtype=torch.long)
-    batch["num_tokens"] = batch["attention_mask"].sum()
+    batch["num_tokens"] = batch["lengths"].sum()
     batch = to_device(batch, device)
     batch["split"] = split
     return batch
@@ -236,7 +248,7 @@ def evaluate(model, objective: Objective, items, cfg: TrainConfig, env: DistEnv,
     for start in range(0, max(largest_shard, 1), bs):
         ids = mine[start:start + bs]
         weight = 1.0 if ids else 0.0
-        batch = make_batch(items, ids or [0], pad_id, "eval", env.device)
+        batch = make_batch(items, ids or [0], pad_id, "eval", env.device, cfg.prefix_sharing)
         with precision:
             losses, metric_sums = objective.loss(model, batch)
         accumulate(sums, {k: weight * v for k, v in {"loss": losses.sum(), **metric_sums}.items()})

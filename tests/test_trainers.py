@@ -213,3 +213,18 @@ def test_frozen_bf16_copy_equals_fp32_model_under_autocast(tiny_world):
     with torch.no_grad(), autocast_context("bf16", torch.device("cpu")):
         a, b = concatenated_logps(model, batch)[0], concatenated_logps(frozen, batch)[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("script,extra", [("train_rm.py", ()), ("train_dpo.py", ("--precompute_ref",)),
+                                          ("train_dpo.py", ("--gradient_checkpointing", "--grad_accum", "2"))])
+def test_prefix_sharing_trains_exactly_like_two_rows(tiny_world, tmp_path, script, extra):
+    """The packed [prompt | chosen | rejected] layout (the default) and --no-prefix_sharing give the
+    same step-by-step losses and the same final weights, to float rounding (the forward is exact:
+    packing.py's docstring; tests/test_packing.py checks every gradient)."""
+    args = ("--max_steps", "4", "--lr", "1e-3", *extra)
+    packed = run(script, tiny_world, tmp_path / "packed", *args)
+    run(script, tiny_world, tmp_path / "rows", *args, "--no-prefix_sharing")
+    assert "one row [prompt | chosen | rejected] per pair" in packed.stdout
+    for a, b in zip(records(tmp_path / "packed"), records(tmp_path / "rows"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert_same_weights(weights(tmp_path / "packed"), weights(tmp_path / "rows"), atol=1e-5)
