@@ -77,6 +77,7 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     policy = mixed_precision(dtype, frozen)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)  # freed after forward, gathered again in backward
+        register_fsdp_forward_method(layer, "forward_at")  # the reward model's last layer (model.py)
     # The root stays gathered after its forward: backward starts with it, and the DPO path reads
     # model.lm_head.weight after hidden_states returns (dpo.concatenated_logps).
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -202,23 +202,24 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(h, cos=cos, sin=sin, mask=mask, kv_cache=kv_cache, layer_index=layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_at(self, x, *, cos, sin, mask, at):
+        """The reward model's shortcut: this layer computed only at positions at (B, n) of each row,
+        x (B, T, C) -> (B, n, C), equal to forward(x)[b, at[b]].
 
-def decoder_layer_at(x, *, layer: DecoderLayer, cos, sin, mask, at):
-    """The reward model's shortcut: `layer` computed only at positions at (B, n) of each row,
-    x (B, T, C) -> (B, n, C), equal to layer(x)[b, at[b]].
-
-    A reward is read at a few positions per row (the last real token; packing.py reads two). In the
-    last layer no other position's output reaches them: attention needs the keys and values of every
-    position, but the queries, the attention output, o_proj, the MLP and both residual additions are
-    needed only at the read positions. Run as the last layer, this skips (T - n) / T of that layer's
-    q, o and MLP matmuls and of its attention (at 4 layers about a quarter of a step's matmuls)."""
-    h = layer.input_layernorm(x)  # (B, T, C): the keys and values need every position
-    attn = layer.self_attn
-    k, v = attn.keys_values(h, cos, sin)  # (B, K, T, D)
-    q = attn.queries(take_positions(h, at), take_positions(cos, at), take_positions(sin, at))  # (B, H, n, D)
-    y = attend(q, k, v, mask_rows(mask, at, k.shape[2]))  # (B, H, n, D)
-    x = take_positions(x, at) + attn.o_proj(y.transpose(1, 2).flatten(2))  # (B, n, C)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+        A reward is read at a few positions per row (the last real token; packing.py reads two). In
+        the last layer no other position's output reaches them: attention needs the keys and values
+        of every position, but the queries, the attention output, o_proj, the MLP and both residual
+        additions are needed only at the read positions. Run as the last layer, this skips
+        (T - n) / T of that layer's q, o and MLP matmuls and of its attention (at 4 layers about a
+        quarter of a step's matmuls). A method of the layer, not a free function, so that a sharded
+        layer (fsdp.py) gathers its weights for it as it does for forward."""
+        h = self.input_layernorm(x)  # (B, T, C): the keys and values need every position
+        attn = self.self_attn
+        k, v = attn.keys_values(h, cos, sin)  # (B, K, T, D)
+        q = attn.queries(take_positions(h, at), take_positions(cos, at), take_positions(sin, at))  # (B, H, n, D)
+        y = attend(q, k, v, mask_rows(mask, at, k.shape[2]))  # (B, H, n, D)
+        x = take_positions(x, at) + attn.o_proj(y.transpose(1, 2).flatten(2))  # (B, n, C)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def take_positions(x, at):
@@ -281,7 +282,7 @@ class Backbone(nn.Module):
             sequence each (packing.py's [prompt | chosen | rejected]); position_ids are then required.
         position_ids: (B, T) rotary position of each token; by default counted from the (B, S) mask.
         read_at: (B, n) positions to return, (B, n, C); the last layer then runs only there
-            (decoder_layer_at, the reward model's shortcut).
+            (DecoderLayer.forward_at, the reward model's shortcut).
         """
         B, T = input_ids.shape
         if read_at is not None and kv_cache is not None:
@@ -308,7 +309,7 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             run, extra = layer, {"kv_cache": kv_cache, "layer_index": i}
             if read_at is not None and i == len(self.layers) - 1:  # the reward model's shortcut
-                run, extra = decoder_layer_at, {"layer": layer, "at": read_at}  # (B, T, C) -> (B, n, C)
+                run, extra = layer.forward_at, {"at": read_at}  # (B, T, C) -> (B, n, C)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its activations during backward.
                 x = checkpoint(run, x, cos=cos, sin=sin, mask=mask, **extra, use_reentrant=False)

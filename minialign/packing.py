@@ -34,7 +34,7 @@ must not be conditioned on; as in the unpacked row, it is predicted by the promp
 (column P - 1). Only the predicting positions are projected onto the vocabulary (logprobs.py).
 A reward is read at each answer's last token (its <|im_end|>): column P + C - 1 for the chosen,
 P + C + R - 1 for the rejected, with the reward model's last layer run at those two positions only
-(model.decoder_layer_at).
+(model.DecoderLayer.forward_at).
 
 Cost. A pair is P + C + R token positions instead of 2P + C + R: on the HH-RLHF harmless pairs with
 the Qwen3 chat template, 216 instead of 343 (1.59x fewer). One pair per row, not several: with
