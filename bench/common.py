@@ -7,6 +7,13 @@ lives in its own child process, and the parent asks the children in turn to run 
 steps. Rounds alternate between implementations, so a burst of load from other jobs on
 the machine hits both sides alike, and a ratio is read from medians of several rounds.
 
+Work is counted in pairs. Prefix sharing (minialign/packing.py) computes a pair in fewer token
+positions than the two-row layout, so a rate of "tokens the model computed" would reward doing
+more work; every implementation is credited instead with the pairs it trained on, and, for
+continuity with token rates, with the non-pad tokens those pairs take in the two-row layout
+[prompt | chosen], [prompt | rejected] (2P + C + R per pair: two_row_tokens). Both are the same
+work for every layout and implementation, so ratios of either are ratios of time for the same pairs.
+
 Shape legend: B pairs per step, T padded length, C hidden size, V vocabulary.
 """
 from __future__ import annotations
@@ -29,8 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from minialign.collate import TokenizedPair, collate_pairs  # noqa: E402
+from minialign.collate import TokenizedPair  # noqa: E402
 from minialign.config import ModelConfig  # noqa: E402
+from minialign.logprobs import IGNORE_INDEX  # noqa: E402
+from minialign.packing import collate, is_packed, row_length  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 
@@ -128,15 +137,50 @@ def hh_rlhf_pairs(max_length: int = 512, max_prompt_length: int = 256) -> list[T
     return items
 
 
-def make_batches(items: list[TokenizedPair], order: list[list[int]], pad_id: int) -> list[dict]:
-    """Collate each index list of `order` into one [2B, T] minialign batch (right padded)."""
-    return [collate_pairs([items[i] for i in idx], pad_id) for idx in order]
+def fit_vocabulary(items: list[TokenizedPair], shape: str) -> list[TokenizedPair]:
+    """The Qwen3-tokenized pairs with ids a smaller vocabulary can embed (the "small" shape of the
+    quick runs): the end-of-turn id becomes the shape's EOS, every other id is taken modulo the
+    ordinary ids (never pad or EOS). The lengths, which set the cost, are unchanged."""
+    cfg = SHAPES[shape]
+    if cfg["vocab_size"] >= QWEN05["vocab_size"]:
+        return items
+    low = min(cfg["pad_token_id"], cfg["eos_token_id"])
+
+    def fit(ids):
+        return [cfg["eos_token_id"] if i == QWEN05["eos_token_id"] else i % low for i in ids]
+
+    return [TokenizedPair(fit(p.prompt_ids), fit(p.chosen_ids), fit(p.rejected_ids), p.line) for p in items]
 
 
-def batch_stats(batches) -> dict:
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    slots = sum(b["attention_mask"].numel() for b in batches)
-    return {"tokens": real, "padding": 1 - real / slots}
+LAYOUTS = ("packed", "unpacked")  # one row [prompt | chosen | rejected] per pair, or two rows per pair
+
+
+def make_batches(items: list[TokenizedPair], order: list[list[int]], pad_id: int, packed: bool = False) -> list[dict]:
+    """Collate each index list of `order` into one right-padded minialign batch: [2B, T] rows
+    (collate.collate_pairs), or with packed=True one row per pair (packing.collate_packed)."""
+    return [collate([items[i] for i in idx], pad_id, packed) for idx in order]
+
+
+def two_row_tokens(pairs: list[TokenizedPair]) -> int:
+    """Non-pad tokens of these pairs in the two-row layout, 2P + C + R each: the work unit that
+    every implementation and layout is credited with (module docstring)."""
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def layout_stats(items: list[TokenizedPair], order: list[list[int]], packed: bool) -> dict:
+    """What a layout makes the model compute for the batches `order`, per pair:
+    positions_per_pair  padded slots, B x T (packed) or 2B x T (two rows) per batch: what runs;
+    real_per_pair       non-pad positions, P + C + R (packed) or 2P + C + R;
+    padding             the share of slots that are padding."""
+    rows_per_pair = 1 if packed else 2
+    real = slots = pairs = 0
+    for idx in order:
+        batch = [items[i] for i in idx]
+        T = max(row_length(p, packed) for p in batch)  # the batch's padded row length
+        slots += rows_per_pair * len(batch) * T
+        real += sum(row_length(p, True) for p in batch) + (0 if packed else sum(len(p.prompt_ids) for p in batch))
+        pairs += len(batch)
+    return {"positions_per_pair": slots / pairs, "real_per_pair": real / pairs, "padding": 1 - real / slots}
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,31 +188,38 @@ def batch_stats(batches) -> dict:
 
 
 def step_flops(cfg_dict: dict, batch: dict, kind: str, live_reference: bool = True) -> dict:
-    """Matmul FLOPs of one training step on `batch`, two ways:
+    """Matmul FLOPs of one training step on `batch` (either layout), two ways:
 
-    nominal:  6 x params x tokens for the trained model (+ 2 x for a reference forward), plus
+    nominal:  6 x params x positions for the trained model (+ 2 x for a reference forward), plus
               attention, as model_flops_per_token counts it: the vocabulary projection at
               every position, like a plain transformers loop computes it.
     executed: what minialign actually multiplies: the vocabulary projection only at the
-              positions that predict a label (logprobs.sequence_logprobs_from_hidden); for a
-              reward model, the last layer's query, output and MLP projections and its attention
-              only at the one position per row where the reward is read (model.Backbone read_at).
+              positions that predict a label (logprobs.token_logprobs), for a reward model the
+              last layer's query, output and MLP projections and its attention only at the
+              positions where rewards are read (model.decoder_layer_at: one per row in two rows,
+              two per packed row).
     A reward model has no vocabulary projection at all (its head is C x 1).
-    Both count padded slots (2B x T): padding costs the same matmuls as real tokens.
+    Both count the batch's padded slots (rows x T: 2B x T in two rows, B x T packed, T the
+    batch's longest row): padding costs the same matmuls as real tokens. Attention is counted
+    causally (T/2 keys per query on average) in both layouts.
     """
     cfg = ModelConfig.from_hf_dict(cfg_dict)
     rows, T = batch["input_ids"].shape
+    packed = is_packed(batch)
     tokens = rows * T
     full = model_flops_per_token(cfg, T)  # forward, per token, vocab projection included
     head = 2 * cfg.vocab_size * cfg.hidden_size  # forward FLOPs of the vocab projection, per position
     body = full - head
     if kind == "rm":
-        C, HD, KD = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        # The last layer at T positions per row, minus what it skips at T - 1 of them: the q, o
-        # and MLP projections, and attention (as model_flops_per_token counts it per token).
+        C, HD = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        read = 2 if packed else 1  # reward positions per row
+        # The last layer at T positions per row, minus what it skips at T - read of them: the q,
+        # o and MLP projections, and attention (as model_flops_per_token counts it per token).
         skipped = 2 * (C * HD + HD * C + 3 * C * cfg.intermediate_size) + 2 * 2 * (T / 2) * HD
-        return {"nominal": 3 * body * tokens, "executed": 3 * (body * tokens - skipped * rows * (T - 1))}
-    labelled = int((batch["labels"][:, 1:] != -100).sum())
+        return {"nominal": 3 * body * tokens, "executed": 3 * (body * tokens - skipped * rows * (T - read))}
+    # Labelled positions: every answer token once; two rows label them shifted by one column.
+    labels = batch["labels"] if packed else batch["labels"][:, 1:]
+    labelled = int((labels != IGNORE_INDEX).sum())
     ref = 1 if live_reference else 0
     nominal = (3 + ref) * full * tokens
     executed = (3 + ref) * (body * tokens + head * labelled)
@@ -199,25 +250,26 @@ def matmul_flops_per_s(device, n: int | None = None, reps: int = 3) -> float:
 
 
 def serve_steps(conn, step, device, **info):
-    """Child side of the protocol for a workload given as step() -> non-pad tokens of that step.
+    """Child side of the protocol for a workload given as step() -> (pairs, two-row tokens) of that step.
 
-    Sends {"ready", **info} once, then answers each ("run", n) with the n steps' seconds and
-    tokens, until ("stop",)."""
+    Sends {"ready", **info} once, then answers each ("run", n) with the n steps' seconds, pairs
+    and tokens, until ("stop",)."""
     conn.send({"ready": True, "peak_mb": peak_memory_mb(device), "runtime_mb": RUNTIME_MB.get("mb", 0.0), **info})
     while True:
         cmd = conn.recv()
         if cmd[0] == "stop":
             conn.send({"stopped": True})
             return
-        seconds, tokens = [], []
+        seconds, pairs, tokens = [], [], []
         for _ in range(cmd[1]):
             sync(device)
             t = time.perf_counter()
-            n = step()
+            n_pairs, n_tokens = step()
             sync(device)
             seconds.append(time.perf_counter() - t)
-            tokens.append(n)
-        conn.send({"seconds": seconds, "tokens": tokens, "peak_mb": peak_memory_mb(device)})
+            pairs.append(n_pairs)
+            tokens.append(n_tokens)
+        conn.send({"seconds": seconds, "pairs": pairs, "tokens": tokens, "peak_mb": peak_memory_mb(device)})
 
 
 def current_rss_mb() -> float:
@@ -273,10 +325,13 @@ class Worker:
 
 @dataclass
 class Measurement:
-    """Per-round throughput of one workload: tokens/s of each round = its non-pad tokens over its seconds."""
+    """Per-round throughput of one workload. A round's rate is its work over its seconds: pairs,
+    and the two-row tokens of those pairs (module docstring), the same work for every layout."""
 
     name: str
-    rounds: list  # tokens/s of each measured round
+    rounds: list  # two-row tokens/s of each measured round
+    pair_rounds: list  # pairs/s of each measured round
+    round_s: list  # seconds of each measured round
     step_s: list  # every measured step's seconds
     peak_mb: float
 
@@ -285,8 +340,22 @@ class Measurement:
         return statistics.median(self.rounds)
 
     @property
+    def pairs_per_s(self) -> float:
+        return statistics.median(self.pair_rounds)
+
+    @property
     def median_step_s(self) -> float:
         return statistics.median(self.step_s)
+
+    @property
+    def median_round_s(self) -> float:
+        return statistics.median(self.round_s)
+
+
+def speedups(a: Measurement, b: Measurement) -> list[float]:
+    """a's rate over b's, round by round (rounds alternate, so each ratio compares like load):
+    how many times faster a trains the same pairs."""
+    return [x / y for x, y in zip(a.pair_rounds, b.pair_rounds)]
 
 
 def alternate(workers: list[Worker], rounds: int, steps_per_round: int, warmup_steps: int = 1,
@@ -295,13 +364,16 @@ def alternate(workers: list[Worker], rounds: int, steps_per_round: int, warmup_s
     in turn. If `yardstick` is a list, the matmul rate is measured between rounds and appended to it."""
     for w in workers:
         w.run(warmup_steps)
-    out = {w.name: Measurement(w.name, [], [], 0.0) for w in workers}
+    out = {w.name: Measurement(w.name, [], [], [], [], 0.0) for w in workers}
     for r in range(rounds):
-        # Rotate who goes first, so that neither side always follows the other.
+        # Rotate who goes first, so that no worker always follows the same one.
         for w in workers[r % len(workers):] + workers[: r % len(workers)]:
             res = w.run(steps_per_round)
             m = out[w.name]
-            m.rounds.append(sum(res["tokens"]) / sum(res["seconds"]))
+            seconds = sum(res["seconds"])
+            m.rounds.append(sum(res["tokens"]) / seconds)
+            m.pair_rounds.append(sum(res["pairs"]) / seconds)
+            m.round_s.append(seconds)
             m.step_s += res["seconds"]
             m.peak_mb = res["peak_mb"]
         if yardstick is not None:

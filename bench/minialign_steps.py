@@ -1,23 +1,23 @@
 """minialign's training step, as minialign.train.train() runs it, for the benchmark workers.
 
 One step is minialign.train.train_step itself (objective -> backward -> reduce -> clip -> finite
-check -> AdamW step -> zero_grad), with the optimizer from build_optimizer and the schedule from
-learning_rate, minus collation (the batches arrive collated: data preprocessing is excluded
-from the timings of every implementation alike).
+check -> AdamW step -> zero_grad), with the optimizer from build_optimizer, the schedule from
+learning_rate and the batches from train.make_batch, in either layout: one packed row per pair
+(--prefix_sharing, the trainers' default) or two rows per pair (--no-prefix_sharing). Collation
+runs before timing (data preprocessing is excluded from the timings of every implementation alike).
 """
 from __future__ import annotations
 
 import torch
 
-from common import serve_steps
+from common import serve_steps, two_row_tokens
 from minialign import load_model
-from minialign.collate import to_device
 from minialign.distributed import DistEnv
-from minialign.reducer import GradReducer
 from minialign.dpo import dpo_objective, live_reference, precomputed_reference
 from minialign.precision import autocast_context
+from minialign.reducer import GradReducer
 from minialign.reward import reward_objective
-from minialign.train import build_optimizer, learning_rate, train_step
+from minialign.train import build_optimizer, learning_rate, make_batch, train_step
 
 LR = 1e-6  # any small value: it does not change the cost of a step
 TOTAL_STEPS = 1000  # the schedule's horizon (warm-up 0: pure cosine, as the references are set up)
@@ -25,8 +25,9 @@ MAX_GRAD_NORM = 1.0
 BETA = 0.1
 
 
-def make_step(model, objective, batches, dtype, device):
-    """step() -> non-pad tokens, running train()'s train_step on batches[i % len(batches)]."""
+def make_step(model, objective, batches, work, dtype, device):
+    """step() -> (pairs, two-row tokens) of batches[i % len(batches)], running train()'s train_step
+    on it; work[i] is that batch's (pairs, two-row tokens)."""
     optimizer = build_optimizer(model, LR, weight_decay=0.0)
     env = DistEnv(0, 1, 0, device)
     grad_sync, precision = GradReducer(model, env), autocast_context(dtype, device)
@@ -34,27 +35,13 @@ def make_step(model, objective, batches, dtype, device):
     model.train()
 
     def step():
-        i = state["step"]
-        batch = batches[i % len(batches)]
-        train_step(model, objective, [batch], optimizer, grad_sync, learning_rate(i, TOTAL_STEPS, LR, 0.0),
-                   MAX_GRAD_NORM, precision, env)
+        i = state["step"] % len(batches)
+        train_step(model, objective, [batches[i]], optimizer, grad_sync,
+                   learning_rate(state["step"], TOTAL_STEPS, LR, 0.0), MAX_GRAD_NORM, precision, env)
         state["step"] += 1
-        return int(batch["num_tokens"])
+        return work[i]
 
     return step
-
-
-def as_train_batches(batches, device):
-    """Collated batches as train.make_batch labels them: on the device, with their pairs' indices
-    in one "train" split (consecutive per batch) and their real-token count."""
-    out, start = [], 0
-    for b in batches:
-        pairs = b["input_ids"].shape[0] // 2
-        b = to_device({**b, "pair_index": torch.arange(start, start + pairs), "num_tokens": b["attention_mask"].sum()},
-                      device)
-        out.append({**b, "split": "train"})
-        start += pairs
-    return out
 
 
 def model_state_mb(trained, frozen=None) -> float:
@@ -66,12 +53,16 @@ def model_state_mb(trained, frozen=None) -> float:
     return mb
 
 
-def build_step(kind, checkpoint, batches, dtype, device, gradient_checkpointing=False, precompute_reference=False):
+def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=True, gradient_checkpointing=False,
+               precompute_reference=False):
     """(step, state_mb) for "rm" (Bradley-Terry) or "dpo" (sigmoid loss, with the reference live
-    every step, or precomputed once beforehand as train_dpo.py --precompute_ref does)."""
+    every step, or precomputed once beforehand as train_dpo.py --precompute_ref does), training
+    on the pairs items[i] in the batches `order` (lists of indices), collated as train() collates
+    them (train.make_batch: packed, or chosen and rejected rows)."""
     model = load_model(checkpoint, device=device)
     model.gradient_checkpointing = gradient_checkpointing
-    batches = as_train_batches(batches, device)
+    batches = [make_batch(items, idx, pad_id, "train", device, packed) for idx in order]
+    work = [(len(idx), two_row_tokens([items[i] for i in idx])) for idx in order]
     ref = None
     if kind == "rm":
         objective = reward_objective()
@@ -79,22 +70,22 @@ def build_step(kind, checkpoint, batches, dtype, device, gradient_checkpointing=
         ref = load_model(checkpoint, device=device).eval().requires_grad_(False)
         reference = live_reference(ref)
         if precompute_reference:  # score every pair once into an (N, 2) table, then drop the reference
-            rows = []
+            table = torch.zeros(len(items), 2)
             for b in batches:
                 with autocast_context(dtype, device):
-                    rows.append(torch.stack(reference(b), dim=-1))  # (B, 2)
-            reference, ref = precomputed_reference({"train": torch.cat(rows).float()}), None
+                    table[b["pair_index"].cpu()] = torch.stack(reference(b), dim=-1).float().cpu()  # (B, 2)
+            reference, ref = precomputed_reference({"train": table}), None
         objective = dpo_objective("sigmoid", BETA, reference=reference)
-    return make_step(model, objective, batches, dtype, device), model_state_mb(model, ref)
+    return make_step(model, objective, batches, work, dtype, device), model_state_mb(model, ref)
 
 
-def dpo_worker(conn, checkpoint, batches, dtype, device, **options):
+def dpo_worker(conn, checkpoint, items, order, pad_id, dtype, device, **options):
     device = torch.device(device)
-    step, state_mb = build_step("dpo", checkpoint, batches, dtype, device, **options)
+    step, state_mb = build_step("dpo", checkpoint, items, order, pad_id, dtype, device, **options)
     serve_steps(conn, step, device, state_mb=state_mb)
 
 
-def rm_worker(conn, checkpoint, batches, dtype, device, **options):
+def rm_worker(conn, checkpoint, items, order, pad_id, dtype, device, **options):
     device = torch.device(device)
-    step, state_mb = build_step("rm", checkpoint, batches, dtype, device, **options)
+    step, state_mb = build_step("rm", checkpoint, items, order, pad_id, dtype, device, **options)
     serve_steps(conn, step, device, state_mb=state_mb)

@@ -1,12 +1,14 @@
 """The same workloads with transformers and TRL, for the benchmark workers (never imported by minialign).
 
 Matched to minialign_steps: the same checkpoint (saved by minialign.save_model), the same
-pairs in the same order, batch, dtype, thread count; AdamW with the same betas, eps,
+pairs, batch, dtype, thread count; AdamW with the same betas, eps,
 weight decay and implementation (for-loop / foreach / fused: whatever build_optimizer
 gives); the same schedule (cosine, no warm-up) and clipping; the reference forward live
 every step. TRL's defaults that differ are set explicitly: gradient checkpointing off,
 bf16 only on GPU, sequential data order (the batches minialign sees), precompute off,
-no truncation, no padding to a multiple.
+no truncation, no padding to a multiple. Both references run a pair as two rows, [prompt |
+chosen] and [prompt | rejected] (TRL has no prefix sharing); each step reports the pairs it
+trained on and their non-pad tokens, as minialign's does (common.py: the same work unit).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def _loop_step(model, loss_fn, batches, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        return int(batch["attention_mask"].sum())
+        return batch["input_ids"].shape[0] // 2, int(batch["attention_mask"].sum())  # pairs, two-row tokens
 
     return step
 
@@ -120,8 +122,8 @@ class _PauseBetweenRounds:
     """Times on_step_begin -> on_step_end (forward, backward, clip, optimizer step; the batch is
     already collated by then) and hands control to the parent between rounds."""
 
-    def __init__(self, conn, tokens_per_step, device):
-        self.conn, self.tokens, self.device = conn, tokens_per_step, device
+    def __init__(self, conn, work_per_step, device):
+        self.conn, self.work, self.device = conn, work_per_step, device
         self.left, self.seconds, self.done, self.t0 = 0, [], 0, 0.0
         conn.send({"ready": True, "peak_mb": peak_memory_mb(device)})
 
@@ -129,8 +131,9 @@ class _PauseBetweenRounds:
         if self.left == 0:
             if self.seconds:
                 n = len(self.seconds)
-                toks = [self.tokens[(self.done - n + k) % len(self.tokens)] for k in range(n)]
-                self.conn.send({"seconds": self.seconds, "tokens": toks, "peak_mb": peak_memory_mb(self.device)})
+                work = [self.work[(self.done - n + k) % len(self.work)] for k in range(n)]  # (pairs, tokens) each
+                self.conn.send({"seconds": self.seconds, "pairs": [w[0] for w in work], "tokens": [w[1] for w in work],
+                                "peak_mb": peak_memory_mb(self.device)})
             cmd = self.conn.recv()
             if cmd[0] == "stop":
                 self.conn.send({"stopped": True})
@@ -178,7 +181,7 @@ def matching_optim(model) -> str:
     return "adamw_torch"
 
 
-def trl_dpo_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, dtype, device, tokens_per_step):
+def trl_dpo_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, dtype, device, work_per_step):
     """TRL's DPOTrainer on the pairs `items`, fed in the order of the batches `order` (lists of indices)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -196,12 +199,12 @@ def trl_dpo_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, d
                      loss_type=["sigmoid"], precompute_ref_log_probs=False)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data,
                          processing_class=word_tokenizer(vocab_size, pad_id, eos_id))
-    pauser = _PauseBetweenRounds(conn, tokens_per_step, device)
+    pauser = _PauseBetweenRounds(conn, work_per_step, device)
     trainer.add_callback(_callback(pauser))
     trainer.train()
 
 
-def trl_rm_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, dtype, device, tokens_per_step):
+def trl_rm_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, dtype, device, work_per_step):
     """TRL's RewardTrainer; the pairs are given already tokenized (prompt + answer ids)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -216,6 +219,6 @@ def trl_rm_worker(conn, checkpoint, items, order, vocab_size, pad_id, eos_id, dt
     args = RewardConfig(**_common_args(len(order[0]), dtype, device, matching_optim(model)))
     trainer = RewardTrainer(model=model, args=args, train_dataset=data,
                             processing_class=word_tokenizer(vocab_size, pad_id, eos_id))
-    pauser = _PauseBetweenRounds(conn, tokens_per_step, device)
+    pauser = _PauseBetweenRounds(conn, work_per_step, device)
     trainer.add_callback(_callback(pauser))
     trainer.train()
