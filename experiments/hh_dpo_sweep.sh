@@ -10,7 +10,7 @@
 #   -> one table (sweep.md, sweep.json), the reward-vs-KL frontier and the win-rate figure
 #
 #   bash experiments/hh_dpo_sweep.sh                 # the full CPU run: ~2.5 h on 2 quiet cores
-#   SIZE=pilot bash experiments/hh_dpo_sweep.sh      # every stage at tiny sizes, ~10 min
+#   SIZE=pilot bash experiments/hh_dpo_sweep.sh      # every stage at tiny sizes, ~10-15 min quiet
 #   MODEL=/work/smollm2 bash experiments/hh_dpo_sweep.sh   # reuse a converted model
 #
 # Everything is written under $RUN (runs/ is git-ignored); the small results (JSON, markdown, PNG; no

@@ -307,7 +307,10 @@ def test_two_ranks_equal_one_process(world, tmp_path):
     uneven shares), exactly the batches one process runs, and rank 0 gathers and writes. So the
     sampled answers are identical (token for token: generation is seeded per prompt) and every
     score matches one process's to 1e-6 (the same arithmetic on the same rows; the tolerance
-    covers a kernel that might order a sum differently in another process). Only rank 0 prints."""
+    covers a kernel that might order a sum differently in another process). Only rank 0 prints.
+    For dpo the 2-rank run reads the base's answers that the one-process run stored in
+    --generation_cache (rank 0 reads, every rank receives them), and their rewards; the policy's answers,
+    their rewards and the KL log-ratios are computed anew by both ranks and match."""
     root = world["root"]
     commands = {
         "rm": ["rm", "--reward_model", root / "rm", "--data", world["data"], "--batch_size", 5],
@@ -315,7 +318,8 @@ def test_two_ranks_equal_one_process(world, tmp_path):
                      "--batch_size", 3],
         "dpo": ["dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
                 "--data", world["data"], "--samples_per_prompt", 2, "--batch_size", 3, "--max_new_tokens", 8,
-                "--temperature", 1.0, "--max_prompt_length", MAX_PROMPT_LENGTH],
+                "--temperature", 1.0, "--max_prompt_length", MAX_PROMPT_LENGTH,
+                "--generation_cache", tmp_path / "generation_cache"],
     }
     outputs = {}
     for name, argv in commands.items():
@@ -325,6 +329,8 @@ def test_two_ranks_equal_one_process(world, tmp_path):
                              timeout=300)
             assert stdout.count("wrote ") == 1
             outputs[name, nproc or 1] = out
+            if name == "dpo" and nproc == 2:  # rank 0 read the one-process run's base answers; rank 1 got them
+                assert "base_answers: reused" in stdout and "generating base answers" not in stdout
 
     def close(a, b):
         return a == pytest.approx(b, rel=1e-6, abs=1e-6)
@@ -342,4 +348,5 @@ def test_two_ranks_equal_one_process(world, tmp_path):
             assert [s["response"] for s in a[who]["samples"]] == [s["response"] for s in b[who]["samples"]]
             assert [s["length_tokens"] for s in a[who]["samples"]] == [s["length_tokens"] for s in b[who]["samples"]]
             assert all(close(s["reward"], t["reward"]) for s, t in zip(a[who]["samples"], b[who]["samples"]))
+        assert all(close(s["log_ratio"], t["log_ratio"]) for s, t in zip(a["policy"]["samples"], b["policy"]["samples"]))
     assert any(len({s["response"] for s in r["base"]["samples"]}) > 1 for r in one)  # really sampled
