@@ -8,9 +8,11 @@
 rm:       accuracy of a reward model on preference pairs (95% bootstrap interval, ties apart),
           margins, reward statistics, length bias -> summary.json, pairs.json, rm_eval.png.
 dpo:      base and policy answer the same prompts (the same seed per prompt), --samples_per_prompt
-          times each; the reward model scores every answer; win rate and reward gain per prompt (on
-          the mean reward of its answers), stop rate, length and repetition of both -> summary.json,
-          generations.json, dpo_eval.png, report.md (with the largest gains and losses).
+          times each; the reward model scores every answer; win rate (strict, ties as 1/2, and
+          controlled for length: minialign.length_control) and reward gain per prompt (on the mean
+          reward of its answers), the policy's KL from the base on its own answers, stop rate, length
+          and repetition of both -> summary.json, generations.json, dpo_eval.png, report.md (with the
+          largest gains and losses). --generation_cache reuses the base's answers across evaluations.
 implicit: accuracy of DPO's implicit reward beta * log(pi / ref) on pairs -> summary.json, pairs.json.
 curves:   training curves of several runs (their metrics.jsonl) in one curves.png.
 
@@ -47,12 +49,15 @@ from minialign.cli import (ArgumentParser, eval_dtype, float_range, int_range, n
 from minialign.collate import tokenize_pairs
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits, describe_kind
 from minialign.data import FORMATS, load_preferences, prompts_view
-from minialign.distributed import destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_object, destroy_distributed, init_distributed, print0
 from minialign.errors import MissingFileError, UserError, read_json
-from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
-                                  map_batches, per_prompt_means, policy_comparison_summary, repetition_rate,
-                                  reward_model_summary, top_k_changes)
+from minialign.answer_cache import cache_key, folder_fingerprint, ids_digest, read_cached, write_cached
+from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, answer_logprobs, implicit_reward_summary,
+                                  implicit_rewards, map_batches, per_prompt_means, policy_comparison_summary,
+                                  prompt_outcomes, repetition_rate, reward_model_summary, sampled_kl, scored_answer_ids)
+from minialign.length_control import length_control_summary
 from minialign.generate import Generation, encode_prompts, generate_tokens, row_seeds
+from minialign.report import dpo_report
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
 from minialign.reward import score_responses
 from minialign.hub import resolve_model_path
@@ -227,62 +232,93 @@ def prompt_ids_kept_end(tokenizer, prompts, max_prompt_length: int) -> tuple[lis
     return [p[-max_prompt_length:] for p in ids], [len(p) > max_prompt_length for p in ids]
 
 
-def generate_answers(model_dir, flag, tokenizer, prompt_ids, args, env, label) -> Generation:
-    """Load one causal LM and answer every prompt (this rank's batches of them); the model is freed
-    on return, so base and policy never coexist. Row i is seeded row_seeds(seed)[i] for both models."""
-    model = load_slot(model_dir, flag, args, env)
-
+def sample_answers(model, tokenizer, prompt_ids, args, env, label) -> Generation:
+    """Answer every prompt (this rank's batches of them) with a loaded causal LM. Row i is seeded
+    row_seeds(seed)[i] for both models; each finished row records the EOS id it stopped on."""
     def answer(idx):
         out, finished = generate_tokens(
             model, [prompt_ids[i] for i in idx], tokenizer.eos_token_ids, tokenizer.pad_token_id,
-            args.max_new_tokens, args.temperature, top_p=args.top_p, seeds=row_seeds(args.seed, len(idx), idx.start))
-        return [(tokenizer.decode(t, skip_special_tokens=True), t, f) for t, f in zip(out, finished)]
+            args.max_new_tokens, args.temperature, top_p=args.top_p, seeds=row_seeds(args.seed, len(idx), idx.start),
+            keep_eos=True)
+        return [(tokenizer.decode(t[:-1] if f else t, skip_special_tokens=True), t[:-1] if f else t, f,
+                 t[-1] if f else None) for t, f in zip(out, finished)]
 
     rows = map_batches(answer, len(prompt_ids), args.batch_size, env, label, "answers")
-    texts, token_ids, finished = (list(column) for column in zip(*rows))
-    return Generation(texts, token_ids, finished, prompt_ids)
+    texts, token_ids, finished, stop_ids = (list(column) for column in zip(*rows))
+    return Generation(texts, token_ids, finished, prompt_ids, stop_ids)
 
 
-def _conversation_md(messages) -> str:
-    return "\n".join(f"**{m['role']}:** {m['content']}" for m in messages)
+def teacher_forced_logps(model, prompt_ids, answers, pad_token_id, args, env, label) -> list[float]:
+    """Summed log-probs of given answers to the prompts under a loaded causal LM (for the KL)."""
+    return map_batches(lambda idx: answer_logprobs(model, [prompt_ids[i] for i in idx], [answers[i] for i in idx],
+                                                   pad_token_id),
+                       len(answers), args.batch_size, env, label, "answers")
 
 
-def dpo_report(summary, rows, k, args) -> str:
-    """report.md: the summary table, then the k largest gains and the k largest losses."""
-    b, p = summary["base"], summary["policy"]
-    spp = summary["samples_per_prompt"]
-    lines = [
-        f"# DPO policy vs base\n\npolicy `{args.policy}`, base `{args.base}`, reward model `{args.reward_model}`, "
-        f"{summary['n']} prompts of `{args.data}`, {spp} answer(s) per prompt and model; sampling: temperature "
-        f"{args.temperature}, top_p {args.top_p}, max_new_tokens {args.max_new_tokens}, seed {args.seed}. "
-        f"{summary['prompts_truncated']} prompt(s) longer than max_prompt_length {args.max_prompt_length} "
-        f"tokens kept their last tokens for generation.\n",
-        f"Win rate of the policy (strictly higher {'mean ' if spp > 1 else ''}reward on the prompt): "
-        f"**{summary['win_rate']:.3f}** "
-        f"(95% bootstrap CI {summary['win_rate_ci95'][0]:.3f} to {summary['win_rate_ci95'][1]:.3f}); "
-        f"ties {summary['ties']}, losses {summary['losses']}. Mean reward gain {summary['mean_gain']:.4f} "
-        f"± {summary['std_gain']:.4f} (std).\n",
-        "| | base | policy |", "|---|---|---|",
-        f"| reward mean ± std | {b['reward_mean']:.4f} ± {b['reward_std']:.4f} "
-        f"| {p['reward_mean']:.4f} ± {p['reward_std']:.4f} |",
-        f"| stopped with end of turn | {b['stop_rate']:.3f} | {p['stop_rate']:.3f} |",
-        f"| mean length (tokens) | {b['mean_length_tokens']:.1f} | {p['mean_length_tokens']:.1f} |",
-        f"| repeated {REPETITION_NGRAM}-grams | {b[f'repetition_{REPETITION_NGRAM}gram']:.3f} "
-        f"| {p[f'repetition_{REPETITION_NGRAM}gram']:.3f} |",
-        "", "Responses that did not stop were cut at max_new_tokens and scored as they were.",
-    ]
-    gains, losses = top_k_changes([r["gain"] for r in rows], k)
-    for heading, picks in ((f"{k} largest gains", gains), (f"{k} largest losses", losses)):
-        lines.append(f"\n## {heading}\n")
-        for i in picks:
-            r = rows[i]
-            lines += [f"### prompt {i}: gain {r['gain']:+.4f}\n", _conversation_md(r["prompt"]), ""]
-            for who in ("base", "policy"):
-                for n, g in enumerate(r[who]["samples"], 1):
-                    label = who if spp == 1 else f"{who}, answer {n} of {spp}"
-                    lines += [f"**{label}** (reward {g['reward']:.4f}, {g['length_tokens']} tokens, "
-                              f"{'stopped' if g['finished'] else 'cut off'}):\n", "````text", g["response"], "````", ""]
-    return "\n".join(lines) + "\n"
+def with_model(model_dir, flag, args, env, work):
+    """Load one causal LM, run work(model) and return its result; the model is freed on return, so
+    base and policy never coexist."""
+    return work(load_slot(model_dir, flag, args, env))
+
+
+def cache_settings(args, env, tokenizer, model_dir, prompt_ids) -> dict:
+    """Everything a model's sampled answers depend on: the key of --generation_cache (answer_cache.py)."""
+    return {"model_files": folder_fingerprint(model_dir), "prompt_ids": ids_digest(prompt_ids),
+            "eos_token_ids": list(tokenizer.eos_token_ids), "pad_token_id": tokenizer.pad_token_id,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": None, "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype,
+            "device": env.device.type, "torch": torch.__version__}
+
+
+def from_cache(args, env, kind, settings):
+    """(key, payload): rank 0 reads --generation_cache and every rank gets its answer; (None, None)
+    without --generation_cache."""
+    if not args.generation_cache:
+        return None, None
+    key = cache_key(settings)
+    payload = read_cached(args.generation_cache, kind, key) if env.is_main else None
+    payload = broadcast_object(payload, env)
+    if payload is not None:
+        print0(env, f"{kind}: reused {args.generation_cache}/{kind}-{key}.json (same model files and settings)")
+    return key, payload
+
+
+def to_cache(args, env, kind, key, settings, payload):
+    if key is not None and env.is_main:
+        path = write_cached(args.generation_cache, kind, key, settings, payload)
+        print0(env, f"{kind}: stored in {path}")
+
+
+def answers_of_both(args, env, tokenizer, asked_ids, kl: bool):
+    """The policy's and the base's answers to the same prompts (rows seeded alike), loading one model
+    at a time: the policy answers, then scores its own answers (log pi, for the KL); the base answers
+    (or its answers are read from --generation_cache), then scores the policy's (log pi_base).
+    Returns (policy, base, whether base came from the cache, the cache key or None, and
+    (log pi, log pi_base, the scored id lists) of the policy's answers, or None without the KL)."""
+    pad = tokenizer.pad_token_id
+
+    def policy_work(model):
+        g = sample_answers(model, tokenizer, asked_ids, args, env, "generating policy answers")
+        own = scored_answer_ids(g.token_ids, g.finished, g.stop_ids)  # the stop token counts (evaluation.py)
+        return g, own, (teacher_forced_logps(model, asked_ids, own, pad, args, env, "policy log-probs of its answers")
+                        if kl else None)
+
+    policy, scored, policy_lp = with_model(args.policy, "--policy", args, env, policy_work)
+    settings = cache_settings(args, env, tokenizer, args.base, asked_ids) if args.generation_cache else None
+    key, cached = from_cache(args, env, "base_answers", settings)
+    base = Generation(**cached, prompt_ids=asked_ids) if cached is not None else None
+    base_lp = None
+    if base is None or kl:
+        def base_work(model):
+            g = base or sample_answers(model, tokenizer, asked_ids, args, env, "generating base answers")
+            return g, (teacher_forced_logps(model, asked_ids, scored, pad, args, env, "base log-probs of policy answers")
+                       if kl else None)
+
+        base, base_lp = with_model(args.base, "--base", args, env, base_work)
+        if cached is None:
+            to_cache(args, env, "base_answers", key, settings,
+                     {f: getattr(base, f) for f in ("texts", "token_ids", "finished", "stop_ids")})
+    return policy, base, cached is not None, key, ((policy_lp, base_lp, scored) if kl else None)
 
 
 def run_dpo(args, env):
@@ -313,34 +349,49 @@ def run_dpo(args, env):
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
     asked_ids = [p for p in ids for _ in range(k)]
 
-    base = generate_answers(args.base, "--base", tokenizer, asked_ids, args, env, "generating base answers")
-    policy = generate_answers(args.policy, "--policy", tokenizer, asked_ids, args, env, "generating policy answers")
+    kl = not args.skip_kl
+    policy, base, cached, gen_key, log_probs = answers_of_both(args, env, tokenizer, asked_ids, kl)
     rm = load_slot(args.reward_model, "--reward_model", args, env)
 
     def scorer(answers):
         return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
                                            batch_size=len(idx), max_length=args.max_length)
 
-    base_r = map_batches(scorer(base.texts), len(asked), args.batch_size, env, "scoring base answers", "answers")
+    score_settings = None if gen_key is None else {  # the base's answers, and what scores them
+        "answers": gen_key, "reward_model_files": folder_fingerprint(args.reward_model), "max_length": args.max_length,
+        "batch_size": args.batch_size, "dtype": args.dtype, "device": env.device.type, "chat_format": args.chat_format}
+    score_key, base_r = from_cache(args, env, "base_rewards", score_settings)
+    if base_r is None:
+        base_r = map_batches(scorer(base.texts), len(asked), args.batch_size, env, "scoring base answers", "answers")
+        to_cache(args, env, "base_rewards", score_key, score_settings, base_r)
     policy_r = map_batches(scorer(policy.texts), len(asked), args.batch_size, env, "scoring policy answers", "answers")
     if not env.is_main:
         return None
 
     summary = policy_comparison_summary(base_r, policy_r, base.token_ids, policy.token_ids, base.finished,
                                         policy.finished, args.n_resamples, args.seed, samples_per_prompt=k)
+    length_diff = (per_prompt_means([len(t) for t in policy.token_ids], k)
+                   - per_prompt_means([len(t) for t in base.token_ids], k))  # (N,) policy minus base, tokens
+    summary.update(length_control_summary(prompt_outcomes(per_prompt_means(policy_r, k), per_prompt_means(base_r, k)),
+                                          length_diff, args.n_resamples, args.seed))
+    if kl:
+        policy_lp, base_lp, scored = log_probs
+        summary["kl"] = sampled_kl(policy_lp, base_lp, [len(a) for a in scored], k, args.n_resamples, args.seed)
     summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,
-                   seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)")
+                   seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)",
+                   generation_cache=args.generation_cache, base_answers_reused=cached)
 
     def answers(g, rewards, i):  # the k answers of one model to prompt i
         return [{"response": g.texts[j], "reward": rewards[j], "length_tokens": len(g.token_ids[j]),
-                 "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j])}
+                 "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j]),
+                 **({"log_ratio": policy_lp[j] - base_lp[j]} if kl and g is policy else {})}
                 for j in range(i * k, (i + 1) * k)]
 
     means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}
     rows = [{"index": i, "prompt": prompt, "gain": float(means["policy"][i] - means["base"][i]),
-             "prompt_truncated": cut[i],
+             "length_diff_tokens": float(length_diff[i]), "prompt_truncated": cut[i],
              **{who: {"reward": float(means[who][i]), "samples": answers(g, r, i)}
                 for who, g, r in (("base", base, base_r), ("policy", policy, policy_r))}}
             for i, prompt in enumerate(prompts)]
@@ -348,14 +399,24 @@ def run_dpo(args, env):
     write_json(out / "generations.json", rows)
     dpo_eval_figure(base_r, policy_r, [len(t) for t in base.token_ids], [len(t) for t in policy.token_ids],
                     out / "dpo_eval.png", samples_per_prompt=k)
-    (out / "report.md").write_text(dpo_report(jsonable(summary), rows, args.top_k_report, args))
+    (out / "report.md").write_text(dpo_report(jsonable(summary), rows, args.top_k_report))
 
     b, p = summary["base"], summary["policy"]
     rep = f"repetition_{REPETITION_NGRAM}gram"
+    lc, similar = summary["length_controlled"], summary["length_buckets"]["similar"]
     print_table(f"policy vs base on {summary['n']} prompts (reward model {args.reward_model})", [
         ("win rate (strict)", summary["win_rate"]), ("  95% bootstrap CI", summary["win_rate_ci95"]),
         ("ties / losses", f"{summary['ties']} / {summary['losses']}"),
+        ("win rate, ties as 1/2", summary["win_rate_ties_half"]), ("  95% bootstrap CI", summary["win_rate_ties_half_ci95"]),
+        ("length-controlled win rate", lc["win_rate"]), ("  95% bootstrap CI", lc["win_rate_ci95"]),
+        (f"win rate, |length diff| <= {summary['length_buckets']['tolerance_tokens']} tokens (n={similar['n']})",
+         similar["win_rate"]),
+        ("mean length diff (tokens), policy - base", summary["mean_length_diff_tokens"]),
         ("mean reward gain ± std", f"{summary['mean_gain']:.4f} ± {summary['std_gain']:.4f}"),
+        ("  95% bootstrap CI", summary["mean_gain_ci95"]),
+        *([("KL per token, on policy answers", summary["kl"]["kl_per_token"]),
+           ("  95% bootstrap CI", summary["kl"]["kl_per_token_ci95"]),
+           ("KL per answer", summary["kl"]["kl_per_answer"])] if kl else []),
         ("reward mean, base / policy", f"{b['reward_mean']:.4f} / {p['reward_mean']:.4f}"),
         ("stop rate, base / policy", f"{b['stop_rate']:.3f} / {p['stop_rate']:.3f}"),
         ("mean length (tokens), base / policy", f"{b['mean_length_tokens']:.1f} / {p['mean_length_tokens']:.1f}"),
@@ -514,6 +575,12 @@ def parse_args(argv=None):
     p.add_argument("--samples_per_prompt", type=positive_int, default=1,
                    help="answers per prompt and model; wins and gains compare each model's mean reward over them")
     p.add_argument("--top_k_report", type=non_negative_int, default=5, help="largest gains and losses shown in report.md")
+    p.add_argument("--skip_kl", action="store_true",
+                   help="do not estimate the policy's KL from the base (one teacher-forced forward per model over "
+                        "the policy's answers)")
+    p.add_argument("--generation_cache", default=None,
+                   help="folder where the base's answers and their rewards are stored and reused by later runs "
+                        "with exactly the same base files, prompts, sampling settings and reward model")
     add_common(p, seed_help="seeds sampling (per prompt, the same for both models) and the bootstrap")
 
     p = command("implicit", "accuracy of DPO's implicit reward beta*log(pi/ref) on preference pairs",

@@ -1,9 +1,10 @@
 """Evaluation statistics: accuracy and win rate with ties kept apart, bootstrap intervals,
-length bias, repetition, and the implicit reward of a DPO policy.
+length bias, repetition, the implicit reward of a DPO policy and its KL from the base.
 
 The statistics are pure functions of plain numbers (numpy only), so they can be tested by hand;
 the summaries below assemble them into the dicts that evaluate.py writes to summary.json.
-Only `implicit_rewards` runs a model; `map_batches` spreads model work over ranks.
+Only `implicit_rewards` and `answer_logprobs` run a model; `map_batches` spreads model work over
+ranks. Win rates controlled for answer length are in minialign.length_control.
 
 Conventions used throughout:
   * "correct" / "win" is a STRICT inequality: a tie (equal scores) is neither a win nor a loss
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from .collate import collate_pairs
 from .dpo import concatenated_logps
+from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
 from .progress import Progress
 
 N_RESAMPLES = 1000      # bootstrap resamples: the 2.5% quantile then rests on ~25 values, stable to ~0.5 pt
@@ -29,6 +31,12 @@ REPETITION_NGRAM = 3    # token 3-grams: long enough that ordinary text rarely r
 
 
 # ------------------------------------------------------------------------- basic statistics
+
+def resample_indices(n: int, n_resamples: int = N_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(R, n) indices of R bootstrap resamples of n items (with replacement). The same seed gives
+    the same resamples, so statistics bootstrapped with one seed share them."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
 
 def bootstrap_ci(values, stat=np.mean, n_resamples: int = N_RESAMPLES, seed: int = 0,
                  confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -41,9 +49,7 @@ def bootstrap_ci(values, stat=np.mean, n_resamples: int = N_RESAMPLES, seed: int
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.size, size=(n_resamples, values.size))  # (R, N) resampled indices
-    stats = stat(values[idx], axis=-1)  # (R,)
+    stats = stat(values[resample_indices(values.size, n_resamples, seed)], axis=-1)  # (R,)
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -79,10 +85,21 @@ def accuracy_with_ties(better_scores, worse_scores) -> dict:
 def win_rate(policy_scores, base_scores) -> dict:
     """Win rate of the policy over the base on the same prompts: strictly higher reward.
 
-    Returns n, wins, ties, losses, win_rate, tie_rate, loss_rate."""
+    Returns n, wins, ties, losses, win_rate, tie_rate, loss_rate, and win_rate_ties_half
+    ((wins + ties / 2) / n: a tie as half a win, as AlpacaEval and Chatbot Arena count it)."""
     c = compare_scores(policy_scores, base_scores)
     return {"n": c["n"], "wins": c["greater"], "ties": c["ties"], "losses": c["less"],
-            "win_rate": c["greater_rate"], "tie_rate": c["tie_rate"], "loss_rate": c["less_rate"]}
+            "win_rate": c["greater_rate"], "tie_rate": c["tie_rate"], "loss_rate": c["less_rate"],
+            "win_rate_ties_half": c["greater_rate"] + 0.5 * c["tie_rate"]}
+
+
+def prompt_outcomes(policy_scores, base_scores) -> np.ndarray:
+    """(N,) outcome per prompt: 1.0 where the policy scores strictly higher, 0.5 on a tie, 0.0 where
+    lower. Their mean is win_rate_ties_half; the strict win rate is the mean of (outcome == 1)."""
+    p, b = np.asarray(policy_scores, dtype=float), np.asarray(base_scores, dtype=float)
+    if p.shape != b.shape:
+        raise ValueError(f"prompt_outcomes: shapes differ, {p.shape} vs {b.shape}")
+    return np.where(p > b, 1.0, np.where(p == b, 0.5, 0.0))
 
 
 def pearson(x, y) -> float:
@@ -205,9 +222,11 @@ def policy_comparison_summary(base_scores, policy_scores, base_token_ids, policy
                 "mean_length_tokens": mean_std([len(t) for t in token_ids])[0],
                 f"repetition_{REPETITION_NGRAM}gram": mean_std([repetition_rate(t) for t in token_ids])[0]}
 
+    outcome = prompt_outcomes(pol, base)  # (N,) 1, 1/2, 0
     return {
         **win_rate(pol, base),
-        "win_rate_ci95": bootstrap_ci((pol > base).astype(float), np.mean, n_resamples, seed),
+        "win_rate_ci95": bootstrap_ci((outcome == 1.0).astype(float), np.mean, n_resamples, seed),
+        "win_rate_ties_half_ci95": bootstrap_ci(outcome, np.mean, n_resamples, seed),
         "mean_gain": gain_mean, "std_gain": gain_std,
         "mean_gain_ci95": bootstrap_ci(gain, np.mean, n_resamples, seed),
         "samples_per_prompt": samples_per_prompt,
@@ -258,6 +277,79 @@ def implicit_rewards(policy, ref_model, items, beta: float, batch_size: int, pad
             pol_lp += list(zip(pc.tolist(), pr.tolist()))
             ref_lp += list(zip(rc.tolist(), rr.tolist()))
     return chosen, rejected, pol_lp, ref_lp
+
+
+# ------------------------------------------------------- KL from the base, on the policy's samples
+
+def scored_answer_ids(token_ids, finished, stop_ids) -> list[list[int]]:
+    """The tokens an answer consists of, as the model chose them: its text tokens and, when it
+    stopped (finished), the end-of-turn / EOS id it stopped on (stop_ids[i]); a row cut at
+    max_new_tokens has none. Choosing to stop is one of the policy's decisions, so it is scored."""
+    return [list(t) + [s] if f else list(t) for t, f, s in zip(token_ids, finished, stop_ids, strict=True)]
+
+
+@torch.no_grad()
+def answer_logprobs(model, prompt_ids, answer_ids, pad_token_id: int) -> list[float]:
+    """Teacher forcing: sum_t log p(y_t | x, y_<t) of each answer y after its prompt x, one batch.
+
+    prompt_ids, answer_ids: B id lists each (the prompt exactly as the model saw it when it
+    generated, the answer as scored_answer_ids gives it). The rows [x | y] are right-padded into
+    one (B, T) batch, labelled on y only (IGNORE_INDEX on prompt and padding), and only the
+    labelled positions are projected onto the vocabulary (logprobs.sequence_logprobs_from_hidden,
+    fp32). Returns B floats."""
+    device = next(model.parameters()).device
+    rows = [list(p) + list(a) for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)   # (B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)          # (B, T)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)     # (B, T)
+    for r, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+        input_ids[r, :len(p) + len(a)] = torch.tensor(list(p) + list(a), dtype=torch.long)
+        attention_mask[r, :len(p) + len(a)] = 1
+        labels[r, len(p):len(p) + len(a)] = torch.tensor(list(a), dtype=torch.long)
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+    hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, C)
+    logps, _ = sequence_logprobs_from_hidden(hidden, model.lm_head.weight, labels)  # (B,) summed
+    return logps.double().tolist()
+
+
+def sampled_kl(policy_logps, base_logps, n_tokens, samples_per_prompt: int = 1,
+               n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+    """KL of the policy from its base, estimated on the policy's own answers.
+
+    For each answer y_i (n_i tokens, its stop token included) the log-ratio
+    l_i = log pi(y_i|x) - log pi_base(y_i|x) = sum_t [log pi(y_t|.) - log pi_base(y_t|.)], both
+    models teacher-forced on the same tokens (answer_logprobs). Returns
+        kl_per_token  = sum_i l_i / sum_i n_i   the mean per-token log-ratio over all answer tokens
+        kl_per_answer = mean_i l_i              the sequence-level log-ratio, per answer
+    with 95% bootstrap intervals over prompts (the k = samples_per_prompt consecutive answers of a
+    prompt move together), and the share of answers with l_i < 0.
+
+    If the answers were sampled from pi itself (temperature 1, top-p 1), kl_per_answer is an
+    unbiased Monte Carlo estimate of KL(pi || pi_base) = E_{y~pi}[log pi(y) - log pi_base(y)],
+    the quantity DPO's beta trades against reward (Rafailov et al. 2023, eq. 3). At a lower
+    temperature or top-p < 1 the answers come from a sharpened pi, and the same average is the
+    expected log-ratio under that sampling distribution: the drift of the answers that were
+    actually judged (it is not a KL then, and is not guaranteed to be >= 0). A policy equal to
+    its base gives exactly 0 either way.
+    Example: l = (1, 0, 2, -1) over n = (1, 2, 3, 2) tokens -> per token 2/8 = 0.25, per answer 0.5.
+    """
+    lp, lb, n = (np.asarray(v, dtype=float) for v in (policy_logps, base_logps, n_tokens))
+    ratio = lp - lb                                                        # (N * k,)
+    if ratio.size == 0:
+        nan = float("nan")
+        return {"kl_per_token": nan, "kl_per_answer": nan, "kl_per_token_ci95": (nan, nan),
+                "kl_per_answer_ci95": (nan, nan), "negative_share": nan, "answers": 0, "tokens": 0}
+    by_prompt = ratio.reshape(-1, samples_per_prompt).sum(axis=1)         # (N,) summed over a prompt's k answers
+    tokens = n.reshape(-1, samples_per_prompt).sum(axis=1)                 # (N,)
+    idx = resample_indices(by_prompt.size, n_resamples, seed)              # (R, N)
+    alpha = (1.0 - CONFIDENCE) / 2
+    per_token = by_prompt[idx].sum(axis=1) / np.maximum(tokens[idx].sum(axis=1), 1)  # (R,) ratio of sums
+    per_answer = by_prompt[idx].mean(axis=1) / samples_per_prompt                    # (R,)
+    return {"kl_per_token": float(ratio.sum() / max(n.sum(), 1)), "kl_per_answer": float(ratio.mean()),
+            "kl_per_token_ci95": tuple(float(q) for q in np.quantile(per_token, [alpha, 1 - alpha])),
+            "kl_per_answer_ci95": tuple(float(q) for q in np.quantile(per_answer, [alpha, 1 - alpha])),
+            "negative_share": float((ratio < 0).mean()), "answers": int(ratio.size), "tokens": int(n.sum())}
 
 
 # ------------------------------------------------------------------- sharding over ranks

@@ -33,6 +33,7 @@ class Generation:
     token_ids: list[list[int]]  # response tokens, without the stopping EOS
     finished: list[bool]  # True where the row stopped on an EOS id before max_new_tokens
     prompt_ids: list[list[int]]
+    stop_ids: list[int | None] | None = None  # per row the EOS id it stopped on, None if cut (when known)
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
@@ -100,9 +101,12 @@ def generate(
 def generate_tokens(
     model, prompt_ids: list[list[int]], eos_token_ids, pad_token_id: int, max_new_tokens: int = 128,
     temperature: float = 0.0, top_k=None, top_p=None, seed=None, batch_size=None, use_cache: bool = True,
-    seeds: list[int] | None = None,
+    seeds: list[int] | None = None, keep_eos: bool = False,
 ):
     """Token-level generation: prompt id lists -> (response id lists, finished flags).
+
+    A response stops before the EOS id it ended on; with keep_eos=True a finished response ends
+    with that id (which of tokenizer.eos_token_ids it was), e.g. to score the decision to stop.
 
     seeds: one per prompt, for a caller that generates a slice of a larger job (a rank's share):
     giving row_seeds(seed, n, start) reproduces rows start .. start + n - 1 of the whole job.
@@ -126,7 +130,7 @@ def generate_tokens(
     for start in range(0, len(prompt_ids), batch_size):
         ids, done = _generate_batch(
             model, prompt_ids[start : start + batch_size], list(eos_token_ids), pad_token_id, max_new_tokens,
-            temperature, top_k, top_p, generators[start : start + batch_size], use_cache, device,
+            temperature, top_k, top_p, generators[start : start + batch_size], use_cache, device, keep_eos,
         )
         out_ids += ids
         finished += done
@@ -134,7 +138,8 @@ def generate_tokens(
     return out_ids, finished
 
 
-def _generate_batch(model, prompts, eos_ids, pad_id, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device):
+def _generate_batch(model, prompts, eos_ids, pad_id, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
+                    device, keep_eos=False):
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     batch = collate_prompts(prompts, pad_id)  # left-padded (B, P)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -166,5 +171,5 @@ def _generate_batch(model, prompts, eos_ids, pad_id, max_new_tokens, temperature
     out = []
     for row in gen:  # cut each row at its first EOS (the EOS itself is not part of the response)
         cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
-        out.append(row[:cut])
+        out.append(row[:cut + 1] if keep_eos and cut < len(row) else row[:cut])
     return out, stopped.tolist()

@@ -212,3 +212,75 @@ def dpo_eval_figure(base, policy, base_lengths, policy_lengths, out_path,
     fig.suptitle(f"{title} (n = {b.size})")
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- a sweep of runs
+
+def _error(value, ci):
+    """matplotlib's (2, 1) asymmetric error bar from a value and its (low, high) interval."""
+    low, high = (np.nan, np.nan) if ci is None else ci
+    return np.array([[value - low], [high - value]]) if np.isfinite([value, low, high]).all() else None
+
+
+def reward_kl_frontier_figure(points, out_path, kl_label: str = "KL from the base per answer (nats)",
+                              title: str = "reward vs KL: what each run bought, and at what drift"):
+    """The DPO paper's Figure 2 idea (Rafailov et al. 2023): each point is a policy, at its KL from
+    the base (x) and the mean reward gain of its answers over the base's on the same prompts (y),
+    both with 95% intervals; the base is the origin. A good run is high and to the left.
+
+    points: dicts with label, series, kl, kl_ci95, gain, gain_ci95. The points of one series (a run's
+    checkpoints, in training order) are joined by a line that starts at the base; the last one
+    carries the series' label."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = list(dict.fromkeys(p["series"] for p in points))  # first-seen order
+    ax.scatter([0], [0], marker="*", s=180, color="black", zorder=3, label="base (origin)")
+    for i, name in enumerate(series):
+        color = colors[i % len(colors)]
+        mine = [p for p in points if p["series"] == name]
+        ax.plot([0] + [p["kl"] for p in mine], [0] + [p["gain"] for p in mine], color=color, alpha=0.5, linewidth=1)
+        for j, p in enumerate(mine):
+            last = j == len(mine) - 1
+            ax.errorbar(p["kl"], p["gain"], xerr=_error(p["kl"], p.get("kl_ci95")),
+                        yerr=_error(p["gain"], p.get("gain_ci95")), fmt="o" if last else ".", color=color,
+                        markersize=7 if last else 5, capsize=3, label=p["label"] if last else None)
+            if not last:
+                ax.annotate(p["label"], (p["kl"], p["gain"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+    ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(kl_label)
+    ax.set_ylabel("mean reward gain over the base (reward-model units)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+WIN_RATE_KINDS = (("win_rate", "strict (ties lost)"), ("win_rate_ties_half", "ties as 1/2"),
+                  ("lc_win_rate", "length-controlled"))
+
+
+def win_rates_figure(runs, out_path, title: str = "win rate against the base, raw and length-controlled"):
+    """Per run three win rates with their 95% intervals side by side: strict, ties as 1/2, and the
+    length-controlled one (minialign.length_control); the dashed line at 0.5 is "no better than the
+    base". A run whose raw interval clears 0.5 while its length-controlled one does not won by length.
+
+    runs: dicts with label and, for each key of WIN_RATE_KINDS, the value and key + "_ci95"."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs) + 2), 4.8))
+    x = np.arange(len(runs))
+    width = 0.8 / len(WIN_RATE_KINDS)
+    for k, (key, label) in enumerate(WIN_RATE_KINDS):
+        offset = (k - (len(WIN_RATE_KINDS) - 1) / 2) * width
+        for i, r in enumerate(runs):
+            ax.errorbar(x[i] + offset, r[key], yerr=_error(r[key], r.get(f"{key}_ci95")), fmt="os^"[k],
+                        color=f"C{k}", capsize=3, markersize=6, label=label if i == 0 else None)
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, [r["label"] for r in runs], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate of the policy over the base")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_path)

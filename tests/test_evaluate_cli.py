@@ -3,7 +3,7 @@ a user would (a subprocess from the repository root). Checks that each output is
 figures are real PNGs, and that summary.json agrees with the per-item files it summarises; and
 that under torchrun (2 gloo ranks) rm, dpo and implicit give what one process gives.
 About 30 s on 2 CPU cores (most of it the interpreter and torch import of each subprocess), plus
-about a minute for the slow 2-rank test."""
+about a minute for the slow 2-rank test and half a minute for the slow generation-cache test."""
 import json
 import os
 import socket
@@ -150,6 +150,67 @@ def test_dpo(world):
     assert f"{sum(cut)} prompt(s) longer than max_prompt_length {MAX_PROMPT_LENGTH}" in report
     assert "generating base answers: 4/4 answers" in stdout and "scoring policy answers: 4/4" in stdout
 
+    # Ties as 1/2, from the per-prompt rewards; the length-controlled view is present and sane.
+    outcome = np.where(pol > base, 1.0, np.where(pol == base, 0.5, 0.0))
+    assert summary["win_rate_ties_half"] == pytest.approx(outcome.mean())
+    lo, hi = summary["win_rate_ties_half_ci95"]
+    assert 0 <= lo <= summary["win_rate_ties_half"] <= hi <= 1
+    diffs = [np.mean([a["length_tokens"] for a in r["policy"]["samples"]])
+             - np.mean([a["length_tokens"] for a in r["base"]["samples"]]) for r in rows]
+    assert [r["length_diff_tokens"] for r in rows] == pytest.approx(diffs)
+    assert summary["mean_length_diff_tokens"] == pytest.approx(np.mean(diffs))
+    assert 0 <= summary["length_controlled"]["win_rate"] <= 1
+    assert sum(summary["length_buckets"][b]["n"] for b in ("shorter", "similar", "longer")) == 4
+    # The KL: each policy answer's log-ratio, its tokens counting the stop token when it stopped.
+    answers = [a for r in rows for a in r["policy"]["samples"]]
+    ratios = [a["log_ratio"] for a in answers]
+    tokens = [a["length_tokens"] + a["finished"] for a in answers]
+    assert summary["kl"]["kl_per_answer"] == pytest.approx(np.mean(ratios))
+    assert summary["kl"]["kl_per_token"] == pytest.approx(np.sum(ratios) / np.sum(tokens))
+    assert summary["kl"]["tokens"] == sum(tokens) and "log_ratio" not in rows[0]["base"]["samples"][0]
+    assert "length-controlled win rate" in stdout and "KL per token" in stdout
+    assert "Length-controlled win rate" in report and "KL from the base" in report
+
+
+def test_dpo_policy_equal_to_base(world):
+    """Invariant through the whole command: a policy that is the base (same folder, same seeds)
+    writes the base's answers, so every prompt ties: strict win rate 0, ties as 1/2 exactly 0.5,
+    length-controlled 0.5 (no length difference, outcome 1/2 everywhere), KL 0 (two loads of the
+    same weights: equal within 1e-6)."""
+    out = world["root"] / "eval_dpo_same"
+    root = world["root"]
+    run_cli("dpo", "--base", root / "base", "--policy", root / "base", "--reward_model", root / "rm",
+            "--data", world["data"], "--output", out, "--samples_per_prompt", 2, "--max_new_tokens", 8,
+            "--temperature", 1.0, "--n_resamples", 50)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["win_rate"], summary["ties"], summary["win_rate_ties_half"]) == (0.0, 4, 0.5)
+    assert summary["mean_length_diff_tokens"] == 0 and summary["length_controlled"]["win_rate"] == pytest.approx(0.5)
+    assert abs(summary["kl"]["kl_per_token"]) < 1e-6 and abs(summary["kl"]["kl_per_answer"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_dpo_generation_cache_reuses_only_identical_settings(world):
+    """--generation_cache: a second evaluation with the same base, prompts and sampling reads the
+    base's answers and their rewards back (the same texts, no regeneration); one with another
+    max_new_tokens, or another seed, makes new ones. --skip_kl leaves the KL out."""
+    root, cache = world["root"], world["root"] / "gen_cache"
+    argv = ["dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
+            "--data", world["data"], "--samples_per_prompt", 2, "--temperature", 1.0, "--n_resamples", 50,
+            "--generation_cache", cache]
+    first = run_cli(*argv, "--max_new_tokens", 8, "--output", root / "cache_a")
+    again = run_cli(*argv, "--max_new_tokens", 8, "--output", root / "cache_b", "--skip_kl")
+    other = run_cli(*argv, "--max_new_tokens", 6, "--output", root / "cache_c", "--seed", 1)
+    assert "base_answers: stored" in first and "base_rewards: stored" in first
+    assert "base_answers: reused" in again and "base_rewards: reused" in again
+    assert "generating base answers" not in again and "generating policy answers" in again
+    assert "reused" not in other and "generating base answers" in other
+    a, b, c = (json.loads((root / f"cache_{x}" / "generations.json").read_text()) for x in "abc")
+    assert [r["base"] for r in a] == [r["base"] for r in b]  # texts, rewards, lengths: all read back
+    assert max(s["length_tokens"] for r in c for s in r["base"]["samples"]) <= 6
+    sa, sb = (json.loads((root / f"cache_{x}" / "summary.json").read_text()) for x in "ab")
+    assert not sa["base_answers_reused"] and sb["base_answers_reused"] and "kl" in sa and "kl" not in sb
+    assert len(list(cache.glob("base_answers-*.json"))) == 2 and len(list(cache.glob("base_rewards-*.json"))) == 2
+
 
 
 def test_dpo_several_answers_per_prompt(world):
@@ -246,7 +307,10 @@ def test_two_ranks_equal_one_process(world, tmp_path):
     uneven shares), exactly the batches one process runs, and rank 0 gathers and writes. So the
     sampled answers are identical (token for token: generation is seeded per prompt) and every
     score matches one process's to 1e-6 (the same arithmetic on the same rows; the tolerance
-    covers a kernel that might order a sum differently in another process). Only rank 0 prints."""
+    covers a kernel that might order a sum differently in another process). Only rank 0 prints.
+    For dpo the 2-rank run reads the base's answers that the one-process run stored in
+    --generation_cache (rank 0 reads, every rank receives them), and their rewards; the policy's answers,
+    their rewards and the KL log-ratios are computed anew by both ranks and match."""
     root = world["root"]
     commands = {
         "rm": ["rm", "--reward_model", root / "rm", "--data", world["data"], "--batch_size", 5],
@@ -254,7 +318,8 @@ def test_two_ranks_equal_one_process(world, tmp_path):
                      "--batch_size", 3],
         "dpo": ["dpo", "--base", root / "base", "--policy", root / "policy", "--reward_model", root / "rm",
                 "--data", world["data"], "--samples_per_prompt", 2, "--batch_size", 3, "--max_new_tokens", 8,
-                "--temperature", 1.0, "--max_prompt_length", MAX_PROMPT_LENGTH],
+                "--temperature", 1.0, "--max_prompt_length", MAX_PROMPT_LENGTH,
+                "--generation_cache", tmp_path / "generation_cache"],
     }
     outputs = {}
     for name, argv in commands.items():
@@ -264,6 +329,8 @@ def test_two_ranks_equal_one_process(world, tmp_path):
                              timeout=300)
             assert stdout.count("wrote ") == 1
             outputs[name, nproc or 1] = out
+            if name == "dpo" and nproc == 2:  # rank 0 read the one-process run's base answers; rank 1 got them
+                assert "base_answers: reused" in stdout and "generating base answers" not in stdout
 
     def close(a, b):
         return a == pytest.approx(b, rel=1e-6, abs=1e-6)
@@ -281,4 +348,5 @@ def test_two_ranks_equal_one_process(world, tmp_path):
             assert [s["response"] for s in a[who]["samples"]] == [s["response"] for s in b[who]["samples"]]
             assert [s["length_tokens"] for s in a[who]["samples"]] == [s["length_tokens"] for s in b[who]["samples"]]
             assert all(close(s["reward"], t["reward"]) for s, t in zip(a[who]["samples"], b[who]["samples"]))
+        assert all(close(s["log_ratio"], t["log_ratio"]) for s, t in zip(a["policy"]["samples"], b["policy"]["samples"]))
     assert any(len({s["response"] for s in r["base"]["samples"]}) > 1 for r in one)  # really sampled
