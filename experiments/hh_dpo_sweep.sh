@@ -9,7 +9,7 @@
 #         1/2), length-controlled win rate, reward gain, KL from the base, length, stop rate
 #   -> one table (sweep.md, sweep.json), the reward-vs-KL frontier and the win-rate figure
 #
-#   bash experiments/hh_dpo_sweep.sh                 # the full CPU run: ~2.5 h on 2 quiet cores
+#   bash experiments/hh_dpo_sweep.sh                 # the README's run: ~1 h 35 min on 2 quiet cores
 #   SIZE=pilot bash experiments/hh_dpo_sweep.sh      # every stage at tiny sizes, ~10-15 min quiet
 #   MODEL=/work/smollm2 bash experiments/hh_dpo_sweep.sh   # reuse a converted model
 #
@@ -23,39 +23,23 @@
 # against 162 tokens/s alone).
 #
 # ---------------------------------------------------------------------------------------- sizing
-# Budget: ~2.5 h of this 2-core CPU, quiet, fp32, 2 threads. Seconds per unit, at max_length 192,
-# max_prompt_length 96, batch 4 x 2, length-grouped:
-#   DPO step            1.9 / pair     quiet, measured (experiments/results/hh_smollm2: 788 s for 400 pairs)
-#                       1.35 / pair    with prefix sharing, if train_dpo.py has it (assumed 1.4x cheaper)
-#   reward model step   1.65 / pair    quiet, measured (hh_smollm2: 673 s for 400 pairs)
-#   reference log-probs 0.65 / pair    once for all runs (cached); 0.47 with prefix sharing
-#   teacher-forced forward, or a reward-model score, of one prompt + answer: 0.35 / answer
-#                                      (hh_smollm2's reward-model evaluation: 213 s for 600 answers)
-#   generation          ~1.0 / answer  of <= 96 new tokens (~80 on average), batch 16 (an estimate,
-#                                      between 0.5 and 1.2: see below)
-#   implicit reward     1.5 / held-out pair (two models, chosen and rejected; hh_smollm2: 183 s / 100)
-#   a script's start, model loads and saves: ~30-40 s
-# Measured on a shared machine (load 3-6 on 2 cores) with experiments/measure_sweep_costs.py in CPU
-# seconds of one thread: DPO 9.6 / pair, reference 3.3 / pair, forward 1.8 / answer, generation
-# 3.6-4.0 / answer; the forward's ratio to the quiet figure (0.35 / 1.8 ~ 0.2) equals the DPO step's
-# (1.9 / 9.6), so those two calibrate each other; the same ratio puts generation at ~0.8 s / answer,
-# but decoding one token at a time is memory-bound and gains less from a second thread than a
-# matmul-bound step, so ~1.0 is planned. (The pilot's own wall times say little: on the shared
-# machine every stage ran ~2-3x slower than its CPU time.)
-#
-# Full size: N = 480 training pairs (60 steps of 8 per run), 4 runs, P = 100 prompts x K = 4 answers:
-#   each run's evaluation  P K (1.0 generation + 3 x 0.35: two KL forwards, one score) + 40 = 860 s
-#   the base's answers     P K (1.0 + 0.35) = 540 s, once (--generation_cache)
-#   implicit reward        4 x (100 x 1.5 + 10) = 640 s
-#   the judge              reward model N x 1.65 = 790 s + 100 s of loading and dev evaluations,
-#                          its held-out evaluation 230 s
-#   DPO                    4 x (N x 1.35 + 100 s of loading and dev evaluations) = 2990 s, with the
-#                          reference once: (N + 40) x 0.47 = 250 s
-#   total                  4 x 860 + 540 + 640 + 890 + 230 + 2990 + 250 + 40 (split, figures) = 9030 s,
-#                          ~2 h 30 min; without prefix sharing 4 x 480 x 0.55 + 70 = 1130 s more: ~2 h 50 min
-#                          (then TRAIN_PAIRS=360 keeps it at ~2.5 h)
-# Evaluation (generation, scoring, KL, implicit) is half of the time: K = 3 answers per prompt
-# instead of 4 would buy ~120 more training pairs.
+# Measured in the run whose numbers the README reports (2026-12-01, the 2-core CPU, quiet, fp32, 2
+# threads; max_length 192, max_prompt_length 96, batch 4 x 2, length-grouped, prefix sharing on;
+# every stage's wall and CPU seconds in $RESULTS/timings.tsv):
+#   reward model, 311 pairs, 1 epoch (38 steps)         798 s  (2.6 s / pair with loading and dev evaluations)
+#   its held-out evaluation, 150 pairs                  253 s
+#   reference log-probs, 311 + 24 pairs, once           ~370 s (1.1 s / pair; cached for every later run;
+#                                                       in a first attempt, stopped once it was cached)
+#   DPO, 311 pairs, 1 epoch (38 steps, ~21 s each)      800-910 s per run with loading and dev evaluations
+#   evaluate.py dpo, 40 prompts x 3 answers, <= 64 new tokens, the base's answers generated and scored too:
+#                                                       1047 s (generation ~2.2 s / answer at batch 16; each
+#                                                       teacher-forced forward or score ~1 s / answer)
+#   evaluate.py implicit, 39 held-out pairs             149 s
+# The plan this script was first written to (480 training pairs, 4 runs, 100 prompts x 4 answers of
+# <= 96 tokens) assumed per-unit costs half of these (the 2.5 h it promised would have been ~5 h), so
+# the defaults below are the sizes that ran: three runs, 311 pairs, 40 held-out prompts x 3 answers,
+# ~1 h 35 min. Every size is an environment variable: a bigger machine or a
+# longer budget raises them (and RUNS adds runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # minialign from this checkout, installed or not
@@ -74,29 +58,30 @@ if [ "$SIZE" = pilot ]; then
     HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-24}; DEV_PROMPTS=${DEV_PROMPTS:-8}; TRAIN_PAIRS=${TRAIN_PAIRS:-24}
     NUM_PROMPTS=${NUM_PROMPTS:-6}; SAMPLES=${SAMPLES:-2}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-24}
     IMPLICIT_PAIRS=${IMPLICIT_PAIRS:-8}; RM_EVAL_PAIRS=${RM_EVAL_PAIRS:-12}
-    SAVE_EVERY=${SAVE_EVERY:-1}; CHECKPOINT_RUNS=${CHECKPOINT_RUNS:-lr5e-5}
+    SAVE_EVERY=${SAVE_EVERY:-1}; CHECKPOINT_RUNS=${CHECKPOINT_RUNS:-lr1e-4}
     N_RESAMPLES=${N_RESAMPLES:-200}
 else
     RUN=${RUN:-runs/hh_dpo_sweep}
     RESULTS=${RESULTS:-experiments/results/hh_dpo_sweep}
     HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-300}      # held-out prompts: evaluation only, never for choices
-    DEV_PROMPTS=${DEV_PROMPTS:-40}               # training-side prompts for the in-training curves
-    TRAIN_PAIRS=${TRAIN_PAIRS:-480}              # seeded subset of the ~1,955 training pairs ("all": every one)
-    NUM_PROMPTS=${NUM_PROMPTS:-100}              # held-out prompts answered by base and every policy
-    SAMPLES=${SAMPLES:-4}                        # answers per prompt and model
-    MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
-    IMPLICIT_PAIRS=${IMPLICIT_PAIRS:-100}        # held-out pairs for the implicit-reward accuracy
-    RM_EVAL_PAIRS=${RM_EVAL_PAIRS:-300}          # held-out pairs for the judge's accuracy and length bias
+    DEV_PROMPTS=${DEV_PROMPTS:-24}               # training-side prompts for the in-training curves
+    TRAIN_PAIRS=${TRAIN_PAIRS:-320}              # seeded subset of the ~1,955 training pairs ("all": every one)
+    NUM_PROMPTS=${NUM_PROMPTS:-40}               # held-out prompts answered by base and every policy
+    SAMPLES=${SAMPLES:-3}                        # answers per prompt and model
+    MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
+    IMPLICIT_PAIRS=${IMPLICIT_PAIRS:-40}         # held-out pairs for the implicit-reward accuracy
+    RM_EVAL_PAIRS=${RM_EVAL_PAIRS:-150}          # held-out pairs for the judge's accuracy and length bias
     CHECKPOINT_RUNS=${CHECKPOINT_RUNS:-}         # runs whose checkpoints are evaluated too (frontier per checkpoint,
-    SAVE_EVERY=${SAVE_EVERY:-22}                 #   every SAVE_EVERY steps), ~13 min each: e.g. CHECKPOINT_RUNS=lr5e-5
+    SAVE_EVERY=${SAVE_EVERY:-22}                 #   every SAVE_EVERY steps), ~12 min each: e.g. CHECKPOINT_RUNS=lr1e-4
     N_RESAMPLES=${N_RESAMPLES:-1000}
 fi
-# The runs: name:lr:beta. Learning rates from "barely moves" (5e-6, the previous experiment's,
-# which did not move in 50 steps) to "clearly moves"; at the middle rate also a larger beta. With
-# Adam, beta does not scale the first steps (the gradient is -beta/2 * grad z at z = 0, and Adam
-# divides the scale out); it decides how soon a pair's weight sigmoid(-beta z) falls as its margin z
-# grows: beta 0.5 stops pushing a pair ~5x sooner, a tighter hold on the policy.
-RUNS=${RUNS:-"lr5e-6:5e-6:0.1 lr2e-5:2e-5:0.1 lr5e-5:5e-5:0.1 lr2e-5_beta0.5:2e-5:0.5"}
+# The runs: name:lr:beta. Two learning rates at beta 0.1, 1e-4 and 3e-5, above the previous
+# experiment's 5e-6 (hh_rlhf_smollm2.sh: 50 steps that did not move the model), since one epoch of
+# 311 pairs is only 38 steps; and beta 0.5 at 1e-4. With Adam, beta does not scale the first steps
+# (the gradient is -beta/2 * grad z at z = 0, and Adam divides the scale out); it decides how soon a
+# pair's weight sigmoid(-beta z) falls as its margin z grows: beta 0.5 stops pushing a pair ~5x
+# sooner, a tighter hold on the policy.
+RUNS=${RUNS:-"lr1e-4:1e-4:0.1 lr3e-5:3e-5:0.1 lr1e-4_beta0.5:1e-4:0.5"}
 RM_LR=${RM_LR:-2e-5}
 MAX_LENGTH=${MAX_LENGTH:-192}                    # prompt + answer tokens (training and scoring)
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-96}       # longer prompts keep their last tokens (training and generation)
@@ -182,9 +167,11 @@ done
 
 # --------------------------------------------------------------------- 4. table, figures, results
 mkdir -p "$RESULTS"
+generations=(); for name in "${names[@]}"; do generations+=("$RUN/eval/$name/dpo/generations.json"); done
 stage curves - python evaluate.py curves "${names[@]/#/$RUN/dpo/}" --output "$RUN/eval_curves"
 stage report - python experiments/sweep_report.py --root "$RUN" "${names[@]}" --judge "$RUN/eval_rm/summary.json" \
     --timings "$TIMINGS" --output "$RESULTS"
+python experiments/answer_phrases.py "${generations[@]}" > "$RESULTS/phrases.md"
 cp "$RUN/data/split.json" "$RESULTS/split.json"
 cp "$RUN/eval_rm/summary.json" "$RESULTS/rm_summary.json"
 cp "$RUN/eval_rm/rm_eval.png" "$RESULTS/rm_eval.png"
