@@ -9,7 +9,7 @@
 #         1/2), length-controlled win rate, reward gain, KL from the base, length, stop rate
 #   -> one table (sweep.md, sweep.json), the reward-vs-KL frontier and the win-rate figure
 #
-#   bash experiments/hh_dpo_sweep.sh                 # the README's run: ~1 h 35 min on 2 quiet cores
+#   bash experiments/hh_dpo_sweep.sh                 # the README's run: ~1 h 55 min on 2 quiet cores
 #   SIZE=pilot bash experiments/hh_dpo_sweep.sh      # every stage at tiny sizes, ~10-15 min quiet
 #   MODEL=/work/smollm2 bash experiments/hh_dpo_sweep.sh   # reuse a converted model
 #
@@ -38,7 +38,7 @@
 # The plan this script was first written to (480 training pairs, 4 runs, 100 prompts x 4 answers of
 # <= 96 tokens) assumed per-unit costs half of these (the 2.5 h it promised would have been ~5 h), so
 # the defaults below are the sizes that ran: three runs, 311 pairs, 40 held-out prompts x 3 answers,
-# ~1 h 35 min. Every size is an environment variable: a bigger machine or a
+# ~1 h 55 min. Every size is an environment variable: a bigger machine or a
 # longer budget raises them (and RUNS adds runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
