@@ -2,7 +2,7 @@
 # Every measurement that the README's "Benchmarks" section reports, in the README's order, one
 # after another, each command's output teed to its own log:
 #
-#     bash bench/run_all.sh                  # ~66 min on the 2-core CPU box, on an otherwise idle machine
+#     bash bench/run_all.sh                  # over 75 min on the 2-core CPU box, on an otherwise idle machine
 #     LOGS=runs/bench/again bash bench/run_all.sh
 #     bash bench/run_all.sh --smoke          # every script in its quick form (small shape): does it all run?
 #
@@ -68,7 +68,8 @@ run() {
 run 1_vs_reference_fixed "$REFPYTHON" bench/bench_vs_reference.py "${FIXED[@]}"
 
 # 2. Against TRL on the HH-RLHF pairs (16 pairs, 8 steps of 2 per round, 3 rounds), DPO and RM,
-#    minialign packed and unpacked: ~22 min (19 before the packed worker). The slowest step of
+#    minialign packed and unpacked: > 30 min (19 before the packed worker; a 2-round run had not
+#    finished its DPO part after 24 min on 2026-12-01). The slowest step of
 #    all: TRL's DPO round takes ~3 min.
 run 2_vs_trl_realistic "$REFPYTHON" bench/bench_vs_reference.py "${REALISTIC[@]}"
 
