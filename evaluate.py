@@ -321,6 +321,32 @@ def answers_of_both(args, env, tokenizer, asked_ids, kl: bool):
     return policy, base, cached is not None, key, ((policy_lp, base_lp, scored) if kl else None)
 
 
+def print_dpo_summary(summary: dict, reward_model: str, kl: bool, n_cut: int) -> None:
+    """The terminal table of evaluate.py dpo: win rates, gain, KL, length and stop rates."""
+    b, p = summary["base"], summary["policy"]
+    rep = f"repetition_{REPETITION_NGRAM}gram"
+    lc, similar = summary["length_controlled"], summary["length_buckets"]["similar"]
+    print_table(f"policy vs base on {summary['n']} prompts (reward model {reward_model})", [
+        ("win rate (strict)", summary["win_rate"]), ("  95% bootstrap CI", summary["win_rate_ci95"]),
+        ("ties / losses", f"{summary['ties']} / {summary['losses']}"),
+        ("win rate, ties as 1/2", summary["win_rate_ties_half"]), ("  95% bootstrap CI", summary["win_rate_ties_half_ci95"]),
+        ("length-controlled win rate", lc["win_rate"]), ("  95% bootstrap CI", lc["win_rate_ci95"]),
+        (f"win rate, |length diff| <= {summary['length_buckets']['tolerance_tokens']} tokens (n={similar['n']})",
+         similar["win_rate"]),
+        ("mean length diff (tokens), policy - base", summary["mean_length_diff_tokens"]),
+        ("mean reward gain ± std", f"{summary['mean_gain']:.4f} ± {summary['std_gain']:.4f}"),
+        ("  95% bootstrap CI", summary["mean_gain_ci95"]),
+        *([("KL per token, on policy answers", summary["kl"]["kl_per_token"]),
+           ("  95% bootstrap CI", summary["kl"]["kl_per_token_ci95"]),
+           ("KL per answer", summary["kl"]["kl_per_answer"])] if kl else []),
+        ("reward mean, base / policy", f"{b['reward_mean']:.4f} / {p['reward_mean']:.4f}"),
+        ("stop rate, base / policy", f"{b['stop_rate']:.3f} / {p['stop_rate']:.3f}"),
+        ("mean length (tokens), base / policy", f"{b['mean_length_tokens']:.1f} / {p['mean_length_tokens']:.1f}"),
+        (f"repeated {REPETITION_NGRAM}-grams, base / policy", f"{b[rep]:.3f} / {p[rep]:.3f}"),
+        ("prompts cut to --max_prompt_length", n_cut),
+    ])
+
+
 def run_dpo(args, env):
     given = {"--base": args.base, "--policy": args.policy, "--reward_model": args.reward_model, "--data": args.data}
     demo = demo_world_if_none(given, env, f"the demo base model vs {DEMO_POLICY}, judged by {DEMO_RM}")
@@ -401,28 +427,7 @@ def run_dpo(args, env):
                     out / "dpo_eval.png", samples_per_prompt=k)
     (out / "report.md").write_text(dpo_report(jsonable(summary), rows, args.top_k_report))
 
-    b, p = summary["base"], summary["policy"]
-    rep = f"repetition_{REPETITION_NGRAM}gram"
-    lc, similar = summary["length_controlled"], summary["length_buckets"]["similar"]
-    print_table(f"policy vs base on {summary['n']} prompts (reward model {args.reward_model})", [
-        ("win rate (strict)", summary["win_rate"]), ("  95% bootstrap CI", summary["win_rate_ci95"]),
-        ("ties / losses", f"{summary['ties']} / {summary['losses']}"),
-        ("win rate, ties as 1/2", summary["win_rate_ties_half"]), ("  95% bootstrap CI", summary["win_rate_ties_half_ci95"]),
-        ("length-controlled win rate", lc["win_rate"]), ("  95% bootstrap CI", lc["win_rate_ci95"]),
-        (f"win rate, |length diff| <= {summary['length_buckets']['tolerance_tokens']} tokens (n={similar['n']})",
-         similar["win_rate"]),
-        ("mean length diff (tokens), policy - base", summary["mean_length_diff_tokens"]),
-        ("mean reward gain ± std", f"{summary['mean_gain']:.4f} ± {summary['std_gain']:.4f}"),
-        ("  95% bootstrap CI", summary["mean_gain_ci95"]),
-        *([("KL per token, on policy answers", summary["kl"]["kl_per_token"]),
-           ("  95% bootstrap CI", summary["kl"]["kl_per_token_ci95"]),
-           ("KL per answer", summary["kl"]["kl_per_answer"])] if kl else []),
-        ("reward mean, base / policy", f"{b['reward_mean']:.4f} / {p['reward_mean']:.4f}"),
-        ("stop rate, base / policy", f"{b['stop_rate']:.3f} / {p['stop_rate']:.3f}"),
-        ("mean length (tokens), base / policy", f"{b['mean_length_tokens']:.1f} / {p['mean_length_tokens']:.1f}"),
-        (f"repeated {REPETITION_NGRAM}-grams, base / policy", f"{b[rep]:.3f} / {p[rep]:.3f}"),
-        ("prompts cut to --max_prompt_length", n_cut),
-    ])
+    print_dpo_summary(summary, args.reward_model, kl, n_cut)
     print(f"\nwrote {out / 'summary.json'}, {out / 'generations.json'}, {out / 'dpo_eval.png'}, {out / 'report.md'}")
     return summary
 
