@@ -6,6 +6,7 @@ live versus precomputed reference log-probs, and prefix sharing (packed versus t
     python bench/bench_train.py --full     # adds small and 0.5B-4L checkpointing at 256, the full 24 layers
     python bench/bench_train.py --only qwen0.5b:1024   # just the 24-layer checkpointing comparison
     python bench/bench_train.py --only qwen0.5b-4l:hh  # just packed versus unpacked on the HH-RLHF pairs
+    python bench/bench_train.py --only qwen0.5b:hh --kinds dpo --pool_steps 4 --rounds 2   # the same, 24 layers
     python bench/bench_train.py --only qwen0.5b:1024 --kinds rm --batch_pairs 2 --rounds 1   # a bigger batch
 
 Each comparison runs its two configurations in two processes that alternate rounds
@@ -59,7 +60,8 @@ from minialign.sampler import global_batches
 
 # Pairs per step: two at the reference point; one where a pair is long or the model big.
 BATCH_PAIRS = {("small", 256): 2, ("small", 1024): 2, ("qwen0.5b-4l", 256): 2, ("qwen0.5b-4l", 1024): 1,
-               ("qwen0.5b", 256): 1, ("qwen0.5b", 1024): 1, ("small", "hh"): 2, ("qwen0.5b-4l", "hh"): 2}
+               ("qwen0.5b", 256): 1, ("qwen0.5b", 1024): 1, ("small", "hh"): 2, ("qwen0.5b-4l", "hh"): 2,
+               ("qwen0.5b", "hh"): 2}
 ONE_AT_A_TIME = {"qwen0.5b"}  # shapes whose configurations cannot be resident together
 
 
@@ -146,7 +148,7 @@ def main(argv=None):
     default = [("small", 1024, ("ckpt",)), ("qwen0.5b-4l", 256, ("ref",)), ("qwen0.5b-4l", 1024, ("ckpt",)),
                ("qwen0.5b-4l", "hh", ("layout",))]
     extra = [("small", 256, ("ckpt", "ref")), ("qwen0.5b-4l", 256, ("ckpt",)), ("qwen0.5b", 1024, ("ckpt",)),
-             ("small", "hh", ("layout",))]
+             ("small", "hh", ("layout",)), ("qwen0.5b", "hh", ("layout",))]
     if args.only:
         keep = set(args.only.split(","))
         plan = [entry for entry in default + extra if f"{entry[0]}:{entry[1]}" in keep]
