@@ -13,6 +13,7 @@ dpo:      base and policy answer the same prompts (the same seed per prompt), --
           reward of its answers), the policy's KL from the base on its own answers, stop rate, length
           and repetition of both -> summary.json, generations.json, dpo_eval.png, report.md (with the
           largest gains and losses). --generation_cache reuses the base's answers across evaluations.
+          Its generation stage is minialign/policy_vs_base.py.
 implicit: accuracy of DPO's implicit reward beta * log(pi / ref) on pairs -> summary.json, pairs.json.
 curves:   training curves of several runs (their metrics.jsonl) in one curves.png.
 
@@ -49,16 +50,16 @@ from minialign.cli import (ArgumentParser, eval_dtype, float_range, int_range, n
 from minialign.collate import tokenize_pairs
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits, describe_kind
 from minialign.data import FORMATS, load_preferences, prompts_view
-from minialign.distributed import broadcast_object, destroy_distributed, init_distributed, print0
+from minialign.distributed import destroy_distributed, init_distributed, print0
 from minialign.errors import MissingFileError, UserError, read_json
-from minialign.answer_cache import cache_key, folder_fingerprint, ids_digest, read_cached, write_cached
-from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, answer_logprobs, implicit_reward_summary,
-                                  implicit_rewards, map_batches, per_prompt_means, policy_comparison_summary,
-                                  prompt_outcomes, repetition_rate, reward_model_summary, sampled_kl, scored_answer_ids)
+from minialign.answer_cache import folder_fingerprint
+from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
+                                  map_batches, per_prompt_means, policy_comparison_summary, prompt_outcomes,
+                                  repetition_rate, reward_model_summary, sampled_kl)
 from minialign.length_control import length_control_summary
-from minialign.generate import Generation, encode_prompts, generate_tokens, row_seeds
 from minialign.report import dpo_report
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
+from minialign.policy_vs_base import SharedCache, Sampling, answers_of_both, prompt_ids_kept_end
 from minialign.reward import score_responses
 from minialign.hub import resolve_model_path
 from minialign.tokenizer import CHAT_FORMAT_CHOICES
@@ -224,103 +225,6 @@ def run_rm(args, env):
 
 # --------------------------------------------------------------------------------- dpo
 
-def prompt_ids_kept_end(tokenizer, prompts, max_prompt_length: int) -> tuple[list[list[int]], list[bool]]:
-    """Each prompt rendered with its generation prompt and encoded; one longer than
-    max_prompt_length keeps its last tokens (the latest turns, as training keeps them).
-    Returns (id lists, whether each was cut)."""
-    ids = encode_prompts(tokenizer, prompts)
-    return [p[-max_prompt_length:] for p in ids], [len(p) > max_prompt_length for p in ids]
-
-
-def sample_answers(model, tokenizer, prompt_ids, args, env, label) -> Generation:
-    """Answer every prompt (this rank's batches of them) with a loaded causal LM. Row i is seeded
-    row_seeds(seed)[i] for both models; each finished row records the EOS id it stopped on."""
-    def answer(idx):
-        out, finished = generate_tokens(
-            model, [prompt_ids[i] for i in idx], tokenizer.eos_token_ids, tokenizer.pad_token_id,
-            args.max_new_tokens, args.temperature, top_p=args.top_p, seeds=row_seeds(args.seed, len(idx), idx.start),
-            keep_eos=True)
-        return [(tokenizer.decode(t[:-1] if f else t, skip_special_tokens=True), t[:-1] if f else t, f,
-                 t[-1] if f else None) for t, f in zip(out, finished)]
-
-    rows = map_batches(answer, len(prompt_ids), args.batch_size, env, label, "answers")
-    texts, token_ids, finished, stop_ids = (list(column) for column in zip(*rows))
-    return Generation(texts, token_ids, finished, prompt_ids, stop_ids)
-
-
-def teacher_forced_logps(model, prompt_ids, answers, pad_token_id, args, env, label) -> list[float]:
-    """Summed log-probs of given answers to the prompts under a loaded causal LM (for the KL)."""
-    return map_batches(lambda idx: answer_logprobs(model, [prompt_ids[i] for i in idx], [answers[i] for i in idx],
-                                                   pad_token_id),
-                       len(answers), args.batch_size, env, label, "answers")
-
-
-def with_model(model_dir, flag, args, env, work):
-    """Load one causal LM, run work(model) and return its result; the model is freed on return, so
-    base and policy never coexist."""
-    return work(load_slot(model_dir, flag, args, env))
-
-
-def cache_settings(args, env, tokenizer, model_dir, prompt_ids) -> dict:
-    """Everything a model's sampled answers depend on: the key of --generation_cache (answer_cache.py)."""
-    return {"model_files": folder_fingerprint(model_dir), "prompt_ids": ids_digest(prompt_ids),
-            "eos_token_ids": list(tokenizer.eos_token_ids), "pad_token_id": tokenizer.pad_token_id,
-            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": None, "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype,
-            "device": env.device.type, "torch": torch.__version__}
-
-
-def from_cache(args, env, kind, settings):
-    """(key, payload): rank 0 reads --generation_cache and every rank gets its answer; (None, None)
-    without --generation_cache."""
-    if not args.generation_cache:
-        return None, None
-    key = cache_key(settings)
-    payload = read_cached(args.generation_cache, kind, key) if env.is_main else None
-    payload = broadcast_object(payload, env)
-    if payload is not None:
-        print0(env, f"{kind}: reused {args.generation_cache}/{kind}-{key}.json (same model files and settings)")
-    return key, payload
-
-
-def to_cache(args, env, kind, key, settings, payload):
-    if key is not None and env.is_main:
-        path = write_cached(args.generation_cache, kind, key, settings, payload)
-        print0(env, f"{kind}: stored in {path}")
-
-
-def answers_of_both(args, env, tokenizer, asked_ids, kl: bool):
-    """The policy's and the base's answers to the same prompts (rows seeded alike), loading one model
-    at a time: the policy answers, then scores its own answers (log pi, for the KL); the base answers
-    (or its answers are read from --generation_cache), then scores the policy's (log pi_base).
-    Returns (policy, base, whether base came from the cache, the cache key or None, and
-    (log pi, log pi_base, the scored id lists) of the policy's answers, or None without the KL)."""
-    pad = tokenizer.pad_token_id
-
-    def policy_work(model):
-        g = sample_answers(model, tokenizer, asked_ids, args, env, "generating policy answers")
-        own = scored_answer_ids(g.token_ids, g.finished, g.stop_ids)  # the stop token counts (evaluation.py)
-        return g, own, (teacher_forced_logps(model, asked_ids, own, pad, args, env, "policy log-probs of its answers")
-                        if kl else None)
-
-    policy, scored, policy_lp = with_model(args.policy, "--policy", args, env, policy_work)
-    settings = cache_settings(args, env, tokenizer, args.base, asked_ids) if args.generation_cache else None
-    key, cached = from_cache(args, env, "base_answers", settings)
-    base = Generation(**cached, prompt_ids=asked_ids) if cached is not None else None
-    base_lp = None
-    if base is None or kl:
-        def base_work(model):
-            g = base or sample_answers(model, tokenizer, asked_ids, args, env, "generating base answers")
-            return g, (teacher_forced_logps(model, asked_ids, scored, pad, args, env, "base log-probs of policy answers")
-                       if kl else None)
-
-        base, base_lp = with_model(args.base, "--base", args, env, base_work)
-        if cached is None:
-            to_cache(args, env, "base_answers", key, settings,
-                     {f: getattr(base, f) for f in ("texts", "token_ids", "finished", "stop_ids")})
-    return policy, base, cached is not None, key, ((policy_lp, base_lp, scored) if kl else None)
-
-
 def print_dpo_summary(summary: dict, reward_model: str, kl: bool, n_cut: int) -> None:
     """The terminal table of evaluate.py dpo: win rates, gain, KL, length and stop rates."""
     b, p = summary["base"], summary["policy"]
@@ -376,20 +280,24 @@ def run_dpo(args, env):
     asked_ids = [p for p in ids for _ in range(k)]
 
     kl = not args.skip_kl
-    policy, base, cached, gen_key, log_probs = answers_of_both(args, env, tokenizer, asked_ids, kl)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size)
+    cache = SharedCache(args.generation_cache, env)
+    both = answers_of_both(lambda path, flag: load_slot(path, flag, args, env), args.policy, args.base, tokenizer,
+                           asked_ids, sampling, env, cache, args.dtype, kl)
+    policy, base = both.policy, both.base
     rm = load_slot(args.reward_model, "--reward_model", args, env)
 
     def scorer(answers):
         return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
                                            batch_size=len(idx), max_length=args.max_length)
 
-    score_settings = None if gen_key is None else {  # the base's answers, and what scores them
-        "answers": gen_key, "reward_model_files": folder_fingerprint(args.reward_model), "max_length": args.max_length,
-        "batch_size": args.batch_size, "dtype": args.dtype, "device": env.device.type, "chat_format": args.chat_format}
-    score_key, base_r = from_cache(args, env, "base_rewards", score_settings)
+    score_settings = None if both.base_key is None else {  # the base's answers, and what scores them
+        "answers": both.base_key, "reward_model_files": folder_fingerprint(args.reward_model),
+        "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype, "device": env.device.type, "chat_format": args.chat_format}
+    score_key, base_r = cache.get("base_rewards", score_settings)
     if base_r is None:
         base_r = map_batches(scorer(base.texts), len(asked), args.batch_size, env, "scoring base answers", "answers")
-        to_cache(args, env, "base_rewards", score_key, score_settings, base_r)
+        cache.put("base_rewards", score_key, score_settings, base_r)
     policy_r = map_batches(scorer(policy.texts), len(asked), args.batch_size, env, "scoring policy answers", "answers")
     if not env.is_main:
         return None
@@ -401,18 +309,18 @@ def run_dpo(args, env):
     summary.update(length_control_summary(prompt_outcomes(per_prompt_means(policy_r, k), per_prompt_means(base_r, k)),
                                           length_diff, args.n_resamples, args.seed))
     if kl:
-        policy_lp, base_lp, scored = log_probs
-        summary["kl"] = sampled_kl(policy_lp, base_lp, [len(a) for a in scored], k, args.n_resamples, args.seed)
+        summary["kl"] = sampled_kl(both.policy_logps, both.base_logps, [len(a) for a in both.scored_ids], k,
+                                   args.n_resamples, args.seed)
     summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)",
-                   generation_cache=args.generation_cache, base_answers_reused=cached)
+                   generation_cache=args.generation_cache, base_answers_reused=both.base_from_cache)
 
     def answers(g, rewards, i):  # the k answers of one model to prompt i
         return [{"response": g.texts[j], "reward": rewards[j], "length_tokens": len(g.token_ids[j]),
                  "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j]),
-                 **({"log_ratio": policy_lp[j] - base_lp[j]} if kl and g is policy else {})}
+                 **({"log_ratio": both.policy_logps[j] - both.base_logps[j]} if kl and g is policy else {})}
                 for j in range(i * k, (i + 1) * k)]
 
     means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}

@@ -2,7 +2,7 @@
 # Every measurement that the README's "Benchmarks" section reports, in the README's order, one
 # after another, each command's output teed to its own log:
 #
-#     bash bench/run_all.sh                  # over 75 min on the 2-core CPU box, on an otherwise idle machine
+#     bash bench/run_all.sh                  # 75 min to 3 h on the 2-core CPU box (see below), on an otherwise idle machine
 #     LOGS=runs/bench/again bash bench/run_all.sh
 #     bash bench/run_all.sh --smoke          # every script in its quick form (small shape): does it all run?
 #
@@ -15,7 +15,8 @@
 # PYTHON runs minialign alone (torch, safetensors, tokenizers, numpy); REFPYTHON is the separate
 # venv with transformers and TRL (README, Benchmarks), used only where a reference is compared.
 # The bench scripts import minialign from this checkout, whichever Python runs them.
-# Durations are for 2 threads on the 2-core x86_64 CPU of the README's runs.
+# Durations are for 2 threads on the 2-core x86_64 CPU of the README's runs: the first figure on
+# 2026-11-28's machines (matmul 143-226 GFLOP/s), the second, where given, on 2026-12-01's (42-59).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,18 +65,17 @@ run() {
 
 # 1. Against TRL and a hand-written transformers loop at fixed lengths (2 pairs x (128 + 128)
 #    tokens, 0.5B-4L), DPO and RM, minialign packed and unpacked alternating with each reference:
-#    ~9 min (7 before the packed worker).
+#    ~9 min (7 before the packed worker); 17 min on 2026-12-01.
 run 1_vs_reference_fixed "$REFPYTHON" bench/bench_vs_reference.py "${FIXED[@]}"
 
 # 2. Against TRL on the HH-RLHF pairs (16 pairs, 8 steps of 2 per round, 3 rounds), DPO and RM,
-#    minialign packed and unpacked: > 30 min (19 before the packed worker; a 2-round run had not
-#    finished its DPO part after 24 min on 2026-12-01). The slowest step of
-#    all: TRL's DPO round takes ~3 min.
+#    minialign packed and unpacked: > 30 min (19 before the packed worker); 41 min on 2026-12-01.
+#    The slowest step of all: TRL's DPO takes ~50 s a step there, ~7 min a round.
 run 2_vs_trl_realistic "$REFPYTHON" bench/bench_vs_reference.py "${REALISTIC[@]}"
 
 # 3. minialign's steps: checkpointing (small at 1024, 0.5B-4L at 1024), live vs precomputed
 #    reference (0.5B-4L at 256), MFU, and packed vs unpacked on the HH-RLHF pairs (0.5B-4L, the
-#    pool of step 2): ~16 min (8 for the first three, ~8 for the layout section).
+#    pool of step 2): ~16 min (8 for the first three, ~8 for the layout section); 33 min on 2026-12-01.
 run 3_train "$PYTHON" bench/bench_train.py "${TRAIN[@]}"
 
 # 4. The full 24 layers at 1024, checkpointing off and on, RM and DPO, each configuration alone in
