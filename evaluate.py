@@ -50,7 +50,7 @@ from minialign.cli import (ArgumentParser, eval_dtype, float_range, int_range, n
 from minialign.collate import tokenize_pairs
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits, describe_kind
 from minialign.data import FORMATS, load_preferences, prompts_view
-from minialign.distributed import destroy_distributed, init_distributed, print0
+from minialign.distributed import barrier, destroy_distributed, init_distributed, print0
 from minialign.errors import MissingFileError, UserError, read_json
 from minialign.answer_cache import folder_fingerprint
 from minialign.evaluation import (N_RESAMPLES, REPETITION_NGRAM, implicit_reward_summary, implicit_rewards,
@@ -523,9 +523,11 @@ def main(argv=None):
         raise UserError(f"--device {args.device}: no CUDA device is available on this machine")
     env = init_distributed(device=args.device)
     try:
-        return args.run(args, env)
+        result = args.run(args, env)
+        barrier(env)  # every rank leaves once rank 0 has written (distributed.finish_distributed)
     finally:
         destroy_distributed(env)
+    return result
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from minialign.cli import (ArgumentParser, add_training_args, check_training_arg
                            non_negative_float, positive_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
-from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed, print0
+from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.reducer import GradReducer
 from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
 from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded
@@ -131,7 +131,7 @@ def main(argv=None):
         print0(env, f"policy saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
     run.finish()
     run.release()
-    destroy_distributed(env)
+    finish_distributed(env)  # every rank leaves once rank 0 has saved
     return eval_metrics
 
 

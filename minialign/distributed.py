@@ -98,6 +98,16 @@ def destroy_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+def finish_distributed(env: DistEnv) -> None:
+    """The end of a run that succeeded: every rank waits until all have arrived (rank 0 may still be
+    writing the model), then leaves the process group. A rank that tears its group down while another
+    still works can abort at exit (seen with gloo: "terminate called without an active exception"),
+    and torchrun then kills the rank that was saving. Error paths call destroy_distributed alone: a
+    rank that failed must not wait for ranks that may never arrive."""
+    barrier(env)
+    destroy_distributed(env)
+
+
 def barrier(env: DistEnv) -> None:
     """Wait until every rank reaches this line (no-op single process)."""
     if env.world_size > 1:
@@ -197,6 +207,6 @@ def broadcast_parameters(model: nn.Module, env: DistEnv) -> None:
 
 
 __all__ = [
-    "DistEnv", "init_distributed", "destroy_distributed", "barrier", "print0", "all_reduce_sums",
+    "DistEnv", "init_distributed", "destroy_distributed", "finish_distributed", "barrier", "print0", "all_reduce_sums",
     "all_reduce_max", "broadcast_object", "gather_objects", "broadcast_tensors", "broadcast_parameters",
 ]

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minialign.distributed import (DistEnv, all_reduce_sums, barrier, broadcast_parameters, destroy_distributed,
-                                   init_distributed, print0)
+                                   finish_distributed, init_distributed, print0)
 from minialign.reducer import GradReducer, InstrumentedGradReducer, make_buckets
 from minialign.config import ModelConfig
 from minialign.model import CausalLM
@@ -98,6 +98,8 @@ def run_rank(out_dir: str, scenario: str) -> None:
         return run_failing_rank(scenario)
     if scenario == "nonfinite_one_rank":
         return run_nonfinite_rank()
+    if scenario == "finish_waits":
+        return run_finishing_rank(out_dir)
     env = init_distributed(timeout_s=60, device="cpu")
     res = {"env": (env.rank, env.world_size, env.local_rank, str(env.device), env.is_main)}
 
@@ -141,6 +143,17 @@ def run_rank(out_dir: str, scenario: str) -> None:
     barrier(env)
     torch.save(res, Path(out_dir) / f"rank{env.rank}.pt")
     destroy_distributed(env)
+
+
+def run_finishing_rank(out_dir: str) -> None:
+    """Rank 0 is still writing (sleeps 2 s) when rank 1 reaches the end of the run: rank 1 must not
+    leave the process group before rank 0 arrives. Each rank records when it arrived and left."""
+    env = init_distributed(timeout_s=60, device="cpu")
+    if env.rank == 0:
+        time.sleep(2.0)
+    arrived = time.time()
+    finish_distributed(env)
+    torch.save({"arrived": arrived, "left": time.time()}, Path(out_dir) / f"finish{env.rank}.pt")
 
 
 def run_failing_rank(scenario: str) -> None:
@@ -337,6 +350,18 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     # Each rank stopped by itself, not by the 30 s collective timeout (which raises another error).
     waited = [float(o.split(" after ")[1].split("s")[0]) for o in outputs]
     assert max(waited) < 20, waited
+
+
+@pytest.mark.distributed
+def test_ranks_leave_together_once_rank_0_has_written(tmp_path):
+    """finish_distributed, the scripts' last call: rank 1, done first, waits for rank 0 (still saving)
+    before leaving the group, so no rank tears its group down under another (which can abort under
+    gloo and make torchrun kill the rank that was saving)."""
+    codes, outputs = finish(launch("finish_waits", tmp_path), timeout=120)
+    assert codes == [0, 0], outputs
+    rank0, rank1 = (torch.load(tmp_path / f"finish{r}.pt") for r in range(WORLD))
+    assert rank0["arrived"] - rank1["arrived"] > 1.0  # rank 1 did arrive first
+    assert rank1["left"] >= rank0["arrived"]  # and left only once rank 0 was there
 
 
 @pytest.mark.distributed
