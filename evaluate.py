@@ -251,6 +251,47 @@ def print_dpo_summary(summary: dict, reward_model: str, kl: bool, n_cut: int) ->
     ])
 
 
+def rewards_of_both(asked, both, rm_tokenizer, cache, args, env) -> tuple[list[float], list[float]]:
+    """The reward model's score of every base and policy answer (the base's read from
+    --generation_cache when its answers and the reward model are the ones it was stored with)."""
+    rm = load_slot(args.reward_model, "--reward_model", args, env)
+
+    def scorer(answers):
+        return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
+                                           batch_size=len(idx), max_length=args.max_length)
+
+    settings = None if both.base_key is None else {  # the base's answers, and what scores them
+        "answers": both.base_key, "reward_model_files": folder_fingerprint(args.reward_model),
+        "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype,
+        "device": env.device.type, "chat_format": args.chat_format}
+    key, base_r = cache.get("base_rewards", settings)
+    if base_r is None:
+        base_r = map_batches(scorer(both.base.texts), len(asked), args.batch_size, env, "scoring base answers",
+                             "answers")
+        cache.put("base_rewards", key, settings, base_r)
+    policy_r = map_batches(scorer(both.policy.texts), len(asked), args.batch_size, env, "scoring policy answers",
+                           "answers")
+    return base_r, policy_r
+
+
+def generation_rows(prompts, cut, length_diff, both, base_r, policy_r, k: int) -> list[dict]:
+    """generations.json: per prompt, the gain, and each model's mean reward and k answers."""
+    kl = both.policy_logps is not None
+
+    def answers(g, rewards, i):  # the k answers of one model to prompt i
+        return [{"response": g.texts[j], "reward": rewards[j], "length_tokens": len(g.token_ids[j]),
+                 "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j]),
+                 **({"log_ratio": both.policy_logps[j] - both.base_logps[j]} if kl and g is both.policy else {})}
+                for j in range(i * k, (i + 1) * k)]
+
+    means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}
+    return [{"index": i, "prompt": prompt, "gain": float(means["policy"][i] - means["base"][i]),
+             "length_diff_tokens": float(length_diff[i]), "prompt_truncated": cut[i],
+             **{who: {"reward": float(means[who][i]), "samples": answers(g, r, i)}
+                for who, g, r in (("base", both.base, base_r), ("policy", both.policy, policy_r))}}
+            for i, prompt in enumerate(prompts)]
+
+
 def run_dpo(args, env):
     given = {"--base": args.base, "--policy": args.policy, "--reward_model": args.reward_model, "--data": args.data}
     demo = demo_world_if_none(given, env, f"the demo base model vs {DEMO_POLICY}, judged by {DEMO_RM}")
@@ -285,20 +326,7 @@ def run_dpo(args, env):
     both = answers_of_both(lambda path, flag: load_slot(path, flag, args, env), args.policy, args.base, tokenizer,
                            asked_ids, sampling, env, cache, args.dtype, kl)
     policy, base = both.policy, both.base
-    rm = load_slot(args.reward_model, "--reward_model", args, env)
-
-    def scorer(answers):
-        return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
-                                           batch_size=len(idx), max_length=args.max_length)
-
-    score_settings = None if both.base_key is None else {  # the base's answers, and what scores them
-        "answers": both.base_key, "reward_model_files": folder_fingerprint(args.reward_model),
-        "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype, "device": env.device.type, "chat_format": args.chat_format}
-    score_key, base_r = cache.get("base_rewards", score_settings)
-    if base_r is None:
-        base_r = map_batches(scorer(base.texts), len(asked), args.batch_size, env, "scoring base answers", "answers")
-        cache.put("base_rewards", score_key, score_settings, base_r)
-    policy_r = map_batches(scorer(policy.texts), len(asked), args.batch_size, env, "scoring policy answers", "answers")
+    base_r, policy_r = rewards_of_both(asked, both, rm_tokenizer, cache, args, env)
     if not env.is_main:
         return None
 
@@ -317,18 +345,7 @@ def run_dpo(args, env):
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)",
                    generation_cache=args.generation_cache, base_answers_reused=both.base_from_cache)
 
-    def answers(g, rewards, i):  # the k answers of one model to prompt i
-        return [{"response": g.texts[j], "reward": rewards[j], "length_tokens": len(g.token_ids[j]),
-                 "finished": g.finished[j], f"repetition_{REPETITION_NGRAM}gram": repetition_rate(g.token_ids[j]),
-                 **({"log_ratio": both.policy_logps[j] - both.base_logps[j]} if kl and g is policy else {})}
-                for j in range(i * k, (i + 1) * k)]
-
-    means = {"base": per_prompt_means(base_r, k), "policy": per_prompt_means(policy_r, k)}
-    rows = [{"index": i, "prompt": prompt, "gain": float(means["policy"][i] - means["base"][i]),
-             "length_diff_tokens": float(length_diff[i]), "prompt_truncated": cut[i],
-             **{who: {"reward": float(means[who][i]), "samples": answers(g, r, i)}
-                for who, g, r in (("base", base, base_r), ("policy", policy, policy_r))}}
-            for i, prompt in enumerate(prompts)]
+    rows = generation_rows(prompts, cut, length_diff, both, base_r, policy_r, k)
     write_json(out / "summary.json", summary)
     write_json(out / "generations.json", rows)
     dpo_eval_figure(base_r, policy_r, [len(t) for t in base.token_ids], [len(t) for t in policy.token_ids],
