@@ -9,6 +9,7 @@ linear weights are held in bf16); with --precompute_ref its log-probs are comput
 cached. --loss_type simpo needs no reference and loads none. Output: runs/dpo/model/
 (causal-LM layout with tokenizer files), metrics.jsonl, curves.png, run_config.json, checkpoints/.
 """
+import gc
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.reducer import GradReducer
-from minialign.dpo import LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table
-from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded
+from minialign.dpo import (LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table,
+                           weights_digest)
+from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded, release
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
@@ -78,10 +80,16 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
     settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
                 "truncation": args.truncation,
                 **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
-    tables = {name: reference_table(ref_model, ref_dir, tokenizer, items, name, args.eval_batch_size or args.batch_size,
+    digest = weights_digest(ref_dir, env)  # rank 0 reads the weights once, for both splits' keys
+    tables = {name: reference_table(ref_model, digest, tokenizer, items, name, args.eval_batch_size or args.batch_size,
                                     dtype, settings, cache_dir, env, packed=args.prefix_sharing)
               for name, items in (("train", train_items), ("eval", eval_items))}
-    return precomputed_reference(tables)  # the reference model is no longer referenced: its memory is freed
+    release(ref_model)
+    del ref_model
+    # FSDP2 ties a sharded module into reference cycles, which only the cyclic collector frees: run it
+    # now, rather than whenever it next happens to run, to give the reference's memory back for training.
+    gc.collect()
+    return precomputed_reference(tables, env.device)
 
 
 def main(argv=None):

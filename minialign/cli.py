@@ -168,7 +168,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="one row [prompt | chosen | rejected] per pair, the prompt computed once (exact); "
                         "--no-prefix_sharing: chosen and rejected as two rows")
     t.add_argument("--pad_to_multiple_of", type=positive_int, default=None,
-                   help="round each batch's length up (e.g. 8 for tensor cores)")
+                   help="round each batch's length up (default: 8 on a GPU, for tensor cores and the attention "
+                        "mask's alignment; none on the CPU)")
     t.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each layer in backward: less memory, ~10-30%% more time")
     t.add_argument("--dtype", type=lambda s: "auto" if s == "auto" else train_dtype(s), default="auto",

@@ -248,8 +248,9 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple
     """Right-pad B pairs into one batch of 2B rows: rows 0..B-1 chosen, B..2B-1 rejected.
 
     Returns input_ids [2B, T], attention_mask [2B, T] (1 on real tokens), labels [2B, T]
-    (the answer's ids, IGNORE_INDEX on prompt and padding), lengths [2B] (real tokens per row);
-    all long. T is the longest row, rounded up to a multiple of pad_to_multiple_of if given.
+    (the answer's ids, IGNORE_INDEX on prompt and padding), lengths [2B] (real tokens per row),
+    label_rows and label_cols [N] (labelled_positions); all long. T is the longest row, rounded up
+    to a multiple of pad_to_multiple_of if given.
     """
     if not pairs:
         raise ValueError("collate_pairs: no pairs to collate")
@@ -267,12 +268,29 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple
         attention_mask[r, :n + m] = 1
         labels[r, n:n + m] = torch.tensor(answer, dtype=torch.long)  # the prompt stays IGNORE_INDEX
         lengths[r] = n + m
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}
+    label_rows, label_cols = labelled_positions(labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths,
+            "label_rows": label_rows, "label_cols": label_cols}
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [N], cols [N]) of every labelled token that has a predecessor (col >= 1), row-major:
+    the positions the log-probs are read at (logprobs.py, packing.py). Found here, on the CPU,
+    because on a GPU `nonzero` must wait for the device to learn N before the forward can go on."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
+    return rows, cols + 1
 
 
 def to_device(batch: dict, device) -> dict:
-    """Every tensor of a batch on `device` (non-blocking from pinned memory on CUDA)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Every tensor of a batch on `device`. On CUDA each goes through pinned (page-locked) host
+    memory, so that the copy is truly asynchronous: from pageable memory, the host would wait for it."""
+    def move(v):
+        if not torch.is_tensor(v) or v.device == torch.device(device):
+            return v
+        if torch.device(device).type == "cuda" and v.device.type == "cpu":
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+    return {k: move(v) for k, v in batch.items()}
 
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict:

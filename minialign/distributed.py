@@ -65,17 +65,19 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> DistE
     if world_size <= 1:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # An index, always: --fsdp starts a group of one with this device as NCCL's device_id,
+            # and init_process_group refuses "cuda" without one ("Please use a device_id with index").
+            device = torch.device("cuda", torch.cuda.current_device())
+        return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     rank = _env_int("RANK")
     local_rank = _env_int("LOCAL_RANK")
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise UserError(f"LOCAL_RANK {local_rank} but this node sees {torch.cuda.device_count()} GPU(s): start at "
-                        "most one process per GPU (torchrun --nproc_per_node), or check CUDA_VISIBLE_DEVICES")
     if use_cuda:
         # One GPU per process, chosen by the rank on this node; set it before NCCL starts so
         # that NCCL's communicators and every default-device allocation land on that GPU.
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_index(local_rank))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -90,6 +92,19 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> DistE
         device_id=device if use_cuda else None,
     )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU of the process with this LOCAL_RANK: the GPU of that index when the node's GPUs are
+    all visible (torchrun), or the only one visible when the launcher gives each process its own
+    GPU through CUDA_VISIBLE_DEVICES (some SLURM setups: LOCAL_RANK 0..7, one GPU each)."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(f"LOCAL_RANK {local_rank} but this node sees {visible} GPU(s): start at most one process "
+                        "per GPU (torchrun --nproc_per_node), or check CUDA_VISIBLE_DEVICES")
+    return local_rank
 
 
 def destroy_distributed(env: DistEnv) -> None:
@@ -124,28 +139,42 @@ def print0(env: DistEnv, *args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def all_reduce_sums(values: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """{name: float} summed over ranks; every rank gets the same dict back.
+def all_reduce_sums(values: dict, env: DistEnv) -> dict[str, float]:
+    """{name: number or 0-d tensor} summed over ranks, as floats; every rank gets the same dict back.
 
     Ranks send sums and counts (never means), so that e.g. `loss_sum / count` after the
     reduction is exactly the single-process mean even when ranks saw different counts.
     All ranks must pass the same keys; they are packed in sorted order into one float64
-    tensor (float64: a sum of many float32 losses keeps its digits), one collective.
+    tensor (float64: a sum of many float32 losses keeps its digits), one collective, and fetched
+    to the host in one transfer: on a GPU, the step's one wait for the device (train.train_step).
     """
-    if env.world_size == 1:
-        return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=env.device)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed = pack_float64([values[k] for k in keys], env.device)  # (len(keys),)
+    if env.world_size > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     summed = dict(zip(keys, packed.tolist()))
     return {k: summed[k] for k in values}
+
+
+def pack_float64(values: list, device) -> torch.Tensor:
+    """Numbers and 0-d tensors as one float64 vector on `device`, without waiting for the device:
+    tensors already there are stacked where they are; host numbers travel in one non-blocking copy
+    from pinned memory (a blocking copy would wait for every kernel queued before it)."""
+    device = torch.device(device)
+    on_device = [isinstance(v, torch.Tensor) and v.device.type == device.type for v in values]
+    host = torch.tensor([float(v) for v, d in zip(values, on_device) if not d], dtype=torch.float64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    host = iter(host.to(device, non_blocking=True).unbind())
+    return torch.stack([v.detach().to(torch.float64).reshape(()) if d else next(host)
+                        for v, d in zip(values, on_device)]) if values else torch.zeros(0, dtype=torch.float64)
 
 
 def all_reduce_max(value: float, env: DistEnv) -> float:
     """The largest of one number over ranks (e.g. peak memory: the rank closest to its limit)."""
     if env.world_size == 1:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
+    t = pack_float64([value], env.device)  # (1,)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -207,6 +236,6 @@ def broadcast_parameters(model: nn.Module, env: DistEnv) -> None:
 
 
 __all__ = [
-    "DistEnv", "init_distributed", "destroy_distributed", "finish_distributed", "barrier", "print0", "all_reduce_sums",
+    "DistEnv", "init_distributed", "cuda_index", "destroy_distributed", "finish_distributed", "barrier", "print0", "all_reduce_sums",
     "all_reduce_max", "broadcast_object", "gather_objects", "broadcast_tensors", "broadcast_parameters",
 ]

@@ -44,9 +44,12 @@ def concatenated_logps(model, batch):
 
     Only positions that predict a label are projected onto the vocabulary (logprobs.py):
     the prompt and the padding never touch the largest matrix of the model."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (2B, T, C)
+    # Right padding: causal attention alone is exact for every real token (padding comes after it),
+    # so no mask: SDPA's flash kernel, and no host sync to check the padding (model.Backbone.forward).
+    hidden = model.hidden_states(batch["input_ids"])  # (2B, T, C)
     chunk = CHECKPOINT_LOGITS_CHUNK if getattr(model, "gradient_checkpointing", False) else None
-    return sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"], chunk_size=chunk)
+    return sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"], chunk_size=chunk,
+                                         labelled=batch.get("labelled"))
 
 
 def answer_logps(model, batch):
@@ -67,11 +70,14 @@ def live_reference(ref_model):
     return reference
 
 
-def precomputed_reference(tables: dict[str, torch.Tensor]):
+def precomputed_reference(tables: dict[str, torch.Tensor], device="cpu"):
     """The reference as a lookup: tables[split] is (N, 2) [chosen, rejected] log-probs of that
-    split's pairs; a batch names its split and its pairs' indices (train.make_batch)."""
+    split's pairs; a batch names its split and its pairs' indices (train.make_batch). The tables
+    move to `device` once here (8 bytes per pair), not once per micro-step."""
+    tables = {name: t.to(device) for name, t in tables.items() if t is not None}
+
     def reference(batch):
-        rows = tables[batch["split"]].to(batch["pair_index"].device)[batch["pair_index"]]  # (B, 2)
+        rows = tables[batch["split"]][batch["pair_index"]]  # (B, 2)
         return rows.unbind(-1)
     return reference
 
@@ -119,17 +125,29 @@ def summarize_dpo(s: dict) -> dict[str, float]:
 
 # ------------------------------------------------------------------------ precomputed reference
 
-def reference_cache_key(items, ref_dir, tokenizer, settings: dict) -> str:
+def weights_digest(ref_dir, env: DistEnv) -> str:
+    """sha256 of the reference weights' bytes, read by rank 0 alone and broadcast: the other
+    ranks may not hold the files (fsdp.load_sharded), and at 32B each read is 64 GB or more.
+    Computed once per run, for both splits' cache keys."""
+    digest = None
+    if env.is_main:
+        h = hashlib.sha256()
+        for f in sorted(Path(ref_dir).glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        digest = h.hexdigest()
+    return broadcast_object(digest, env)
+
+
+def reference_cache_key(items, weights_sha256: str, tokenizer, settings: dict) -> str:
     """sha256 over everything the reference log-probs depend on: the token ids of every pair
-    (which already reflect data, chat template and truncation), the reference weights' bytes,
-    the template and the precision."""
+    (which already reflect data, chat template and truncation), the reference weights
+    (weights_digest), the template and the precision."""
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids]).encode())
-    for f in sorted(Path(ref_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+    h.update(weights_sha256.encode())
     h.update(json.dumps({"template": tokenizer.chat_format, **settings}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -163,16 +181,18 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     return table.float().cpu()
 
 
-def reference_table(ref_model, ref_dir, tokenizer, items, name: str, batch_size: int, dtype: str, settings: dict,
-                    cache_dir, env: DistEnv, packed: bool = False) -> torch.Tensor | None:
+def reference_table(ref_model, weights_sha256: str, tokenizer, items, name: str, batch_size: int, dtype: str,
+                    settings: dict, cache_dir, env: DistEnv, packed: bool = False) -> torch.Tensor | None:
     """The (N, 2) reference log-probs of one split, read from the cache when its key matches,
     else computed (compute_reference_logps, in the training's layout) and cached. Rank 0 reads
-    the cache and broadcasts it, so ranks need no shared file system. None for an empty split."""
+    the cache and broadcasts it, so ranks need no shared file system. None for an empty split.
+    weights_sha256: weights_digest of the reference checkpoint."""
     if not items:
         return None
     # The layout is in the key: both give the same numbers to rounding, but a cache should give
-    # back exactly what this run would compute.
-    key = reference_cache_key(items, ref_dir, tokenizer, {**settings, "dtype": dtype, "packed": packed})
+    # back exactly what this run would compute. Only rank 0 reads the cache, so only it needs the key.
+    key = (reference_cache_key(items, weights_sha256, tokenizer, {**settings, "dtype": dtype, "packed": packed})
+           if env.is_main else None)
     path = Path(cache_dir) / f"ref_logps-{name}-{key}.safetensors"
     cached = load_file(str(path))["ref_logps"] if env.is_main and path.is_file() else None
     if broadcast_object(cached is not None, env):
@@ -191,4 +211,4 @@ def reference_table(ref_model, ref_dir, tokenizer, items, name: str, batch_size:
 
 
 __all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "live_reference", "precomputed_reference", "dpo_objective",
-           "summarize_dpo", "reference_table", "compute_reference_logps", "reference_cache_key"]
+           "summarize_dpo", "reference_table", "compute_reference_logps", "reference_cache_key", "weights_digest"]

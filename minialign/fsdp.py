@@ -127,6 +127,14 @@ def freeing_root_after(reference, ref_model):
     return call
 
 
+def release(model) -> None:
+    """Give back what a model no longer needed holds on the device, before its last reference is
+    dropped. A sharded model's root stays gathered after a forward (for a backward a frozen model
+    never runs): reshard it. A replicated model holds nothing beyond its parameters."""
+    if is_sharded(model):
+        model.reshard()
+
+
 class FSDPGradSync:
     """GradReducer's interface (distributed.py) over FSDP2's own reduce-scatter.
 
@@ -181,5 +189,5 @@ def local_value(x):
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-__all__ = ["is_sharded", "shard", "load_sharded", "freeing_root_after", "FSDPGradSync", "gather_model_state",
+__all__ = ["is_sharded", "shard", "load_sharded", "freeing_root_after", "release", "FSDPGradSync", "gather_model_state",
            "gather_optimizer_state", "scatter_state", "local_value", "mixed_precision", "ensure_process_group"]

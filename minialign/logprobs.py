@@ -103,6 +103,8 @@ def token_logprobs(
         chunk_size: if given, project at most this many positions at a time and recompute
             each chunk's logits in the backward pass, so peak memory is O(chunk_size * V)
             instead of O(N * V). None: one projection of all N positions.
+        labelled: (rows [N], cols [N]) of the labelled tokens (col >= 1), as collate.labelled_positions
+            finds them on the CPU; None: found here with nonzero, which waits for the GPU (N sizes a tensor).
     Returns:
         [N] float32.
     """
@@ -127,6 +129,7 @@ def sequence_logprobs_from_hidden(
     weight: torch.Tensor,
     labels: torch.Tensor,
     chunk_size: int | None = None,
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as sequence_logprobs(hidden @ weight.T, labels), projecting only labelled positions.
 
@@ -137,6 +140,8 @@ def sequence_logprobs_from_hidden(
         chunk_size: if given, project at most this many positions at a time and recompute
             each chunk's logits in the backward pass, so peak memory is O(chunk_size * V)
             instead of O(N * V). None: one projection of all N positions.
+        labelled: (rows [N], cols [N]) of the labelled tokens (col >= 1), as collate.labelled_positions
+            finds them on the CPU; None: found here with nonzero, which waits for the GPU (N sizes a tensor).
     Returns:
         (logps_sum [B], logps_mean [B]), both float32. A row with no labelled token gets 0.
     """
@@ -146,9 +151,12 @@ def sequence_logprobs_from_hidden(
             f"{tuple(weight.shape)}, {tuple(labels.shape)}"
         )
     targets, mask = _shift(labels)                            # (B, T-1) each
-    rows = mask.nonzero(as_tuple=True)[0]                     # (N,) which row each labelled position is in
-    selected = hidden[:, :-1][mask]                           # (N, C) hidden states that predict a label
-    token_logps = token_logprobs(selected, weight, targets[mask], chunk_size)  # (N,)
+    if labelled is None:
+        rows, cols = mask.nonzero(as_tuple=True)              # (N,) each: the labelled positions, row-major
+    else:
+        rows, cols = labelled[0], labelled[1] - 1             # (N,) each: the same, in targets' columns
+    selected = hidden[rows, cols]                             # (N, C) hidden states that predict a label
+    token_logps = token_logprobs(selected, weight, targets[rows, cols], chunk_size)  # (N,)
 
     batch = hidden.shape[0]
     # Scatter-add each token's log-prob into its row: (N,) -> (B,).

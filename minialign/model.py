@@ -120,7 +120,8 @@ def attend(q, k, v, mask):
 
     q (B, H, Tq, D); k and v (B, K, S, D), each key/value head shared by H/K query heads (grouped-query
     attention, Ainslie et al. 2023); mask (B, 1, Tq, S) bool, True where the query may see the key, or
-    None for plain causal attention (Tq = S). Returns (B, H, Tq, D).
+    the same as an additive float mask (additive_mask), or None for plain causal attention (Tq = S).
+    Returns (B, H, Tq, D).
     """
     groups = q.shape[1] // k.shape[1]
     if mask is not None and q.is_cuda and groups > 1:
@@ -228,7 +229,7 @@ def take_positions(x, at):
 
 
 def mask_rows(mask, at, S: int):
-    """The rows of a (B, 1, T, S) boolean mask for the queries at positions at (B, n): (B, 1, n, S).
+    """The rows of a (B, 1, T, S) mask (bool or additive) for the queries at positions at (B, n): (B, 1, n, S).
     mask None stands for plain causal attention: each query sees the keys up to its own position."""
     if mask is None:
         return (torch.arange(S, device=at.device) <= at[..., None])[:, None]  # (B, n, S) -> (B, 1, n, S)
@@ -256,6 +257,31 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     return visible[:, None]  # (B, 1, T, S)
 
 
+MASK_ALIGN = 8  # SDPA's fused CUDA kernels need a mask whose rows start 16 bytes apart: 8 bf16 values
+
+
+def compute_dtype(x):
+    """The dtype attention computes in for hidden states x: autocast's when it is on (the projections
+    then return it), else x's own (fp32, or bf16 under FSDP's mixed precision)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def additive_mask(mask, dtype):
+    """(B, 1, T, S) bool mask -> the same mask as SDPA adds it to the scores: 0 where the query may see
+    the key, -inf where not, in the attention's dtype, each row padded to a multiple of MASK_ALIGN
+    (the result is a view of the first S columns).
+
+    SDPA does exactly this to a bool mask, but inside every layer, and each layer then keeps its own
+    converted copy for backward (B * T * S * 2 bytes per layer: 3.8 GB over 28 layers at B = 4,
+    T = 4096). Built once per forward, every layer gets and saves the same tensor. Each row keeps at
+    least one visible key (the query itself), so the softmax never sees a row of -inf alone."""
+    B, _, T, S = mask.shape
+    padded = -(-S // MASK_ALIGN) * MASK_ALIGN  # ceil to a multiple
+    out = torch.full((B, 1, T, padded), float("-inf"), dtype=dtype, device=mask.device)
+    out[..., :S].masked_fill_(mask, 0.0)
+    return out[..., :S]  # (B, 1, T, S), rows padded.stride apart
+
+
 def positions_from_mask(attention_mask, T: int):
     """Position of each of the last T tokens = number of real tokens before it, so left padding
     does not shift the rotary phases: (B, S) mask -> (B, T) positions."""
@@ -273,6 +299,22 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
+    @staticmethod
+    def mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int):
+        """The (B, 1, T, S) bool mask (None: plain causal) and (B, T) positions of a given attention_mask."""
+        if attention_mask.dim() == 4:  # a ready mask: used as it is
+            if attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, past + T):
+                raise ValueError(f"a 4-D attention_mask must be bool of shape {(B, 1, T, past + T)}, "
+                                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs position_ids: positions cannot be counted from it")
+            return attention_mask, position_ids
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, T)  # (B, T)
+        return attention_mask_4d(attention_mask, T, past), position_ids
+
     def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, position_ids=None,
                 read_at=None):
         """(B, T) ids -> (B, T, C) hidden states after the final norm.
@@ -288,24 +330,19 @@ class Backbone(nn.Module):
         if read_at is not None and kv_cache is not None:
             raise ValueError("read_at and kv_cache do not combine: the last layer would fill the cache at n positions")
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-        if attention_mask.dim() == 4:  # a ready mask: used as it is
-            if attention_mask.dtype != torch.bool or attention_mask.shape != (B, 1, T, past + T):
-                raise ValueError(f"a 4-D attention_mask must be bool of shape {(B, 1, T, past + T)}, "
-                                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        if attention_mask is None and kv_cache is None:  # rows without padding: plain causal attention,
+            mask = None  # and no padding to look for (attention_mask_4d's check would wait for the GPU)
             if position_ids is None:
-                raise ValueError("a 4-D attention_mask needs position_ids: positions cannot be counted from it")
-            mask = attention_mask
-        elif attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
         else:
-            mask = attention_mask_4d(attention_mask, T, past)
-            if position_ids is None:
-                position_ids = positions_from_mask(attention_mask, T)  # (B, T)
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            mask, position_ids = self.mask_and_positions(attention_mask, position_ids, B, T, past)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
                                 self.cfg.rope_scaling)  # (B, T, D) each
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        if mask is not None and kv_cache is None:  # a training or scoring forward over whole rows
+            mask = additive_mask(mask, compute_dtype(x))  # built once, shared by every layer
         for i, layer in enumerate(self.layers):
             run, extra = layer, {"kv_cache": kv_cache, "layer_index": i}
             if read_at is not None and i == len(self.layers) - 1:  # the reward model's shortcut

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from .collate import TokenizedPair, collate_pairs
+from .collate import TokenizedPair, collate_pairs, labelled_positions
 from .logprobs import CHECKPOINT_LOGITS_CHUNK, IGNORE_INDEX, token_logprobs
 
 # What each column of a packed row holds (segment_ids).
@@ -88,7 +88,8 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multipl
     Returns, all long:
       input_ids [B, T], position_ids [B, T] (packed_position_ids),
       labels [B, T]: both answers' ids, IGNORE_INDEX on prompt and padding,
-      prompt_lengths, chosen_lengths, rejected_lengths [B], and lengths [B] (real tokens per row).
+      prompt_lengths, chosen_lengths, rejected_lengths [B], and lengths [B] (real tokens per row),
+      label_rows, label_cols [N]: every answer token (collate.labelled_positions, found on the CPU).
     T is the longest row, rounded up to a multiple of pad_to_multiple_of if given (on CUDA, 8 spares
     SDPA a padded copy of the mask in every layer).
     There is no 2-D attention_mask: it would let the rejected answer see the chosen one. The model
@@ -114,9 +115,10 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multipl
     prompt = torch.tensor([len(p.prompt_ids) for p in pairs], dtype=torch.long)      # (B,)
     chosen = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.long)      # (B,)
     rejected = torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.long)  # (B,)
+    label_rows, label_cols = labelled_positions(labels)  # (N,) each; the prompt is never empty, so cols >= 1
     return {"input_ids": input_ids, "position_ids": packed_position_ids(prompt, chosen, rejected, T),
             "labels": labels, "prompt_lengths": prompt, "chosen_lengths": chosen, "rejected_lengths": rejected,
-            "lengths": prompt + chosen + rejected}
+            "lengths": prompt + chosen + rejected, "label_rows": label_rows, "label_cols": label_cols}
 
 
 def segment_ids(prompt_lengths, chosen_lengths, rejected_lengths, T: int):
@@ -157,7 +159,9 @@ def packed_logps(model, batch: dict):
     prompt, chosen = batch["prompt_lengths"], batch["chosen_lengths"]
     hidden = model.hidden_states(batch["input_ids"], packed_attention_mask(batch),
                                  position_ids=batch["position_ids"])  # (B, T, C)
-    rows, cols = (batch["labels"] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each: every answer token
+    # Every answer token, found on the CPU at collate time: nonzero here would make the host wait for
+    # the GPU, which must first finish the forward just queued, to learn N.
+    rows, cols = batch["label_rows"], batch["label_cols"]  # (N,) each
     rejected_start = (prompt + chosen)[rows]  # (N,) the column of each token's row where rejected begins
     # A token is predicted by the column before it, except the first rejected token: by the prompt's last.
     predictor = torch.where(cols == rejected_start, prompt[rows] - 1, cols - 1)  # (N,)
@@ -167,7 +171,9 @@ def packed_logps(model, batch: dict):
     B = hidden.shape[0]
     answer = rows + B * (cols >= rejected_start)  # (N,) 0..B-1 chosen answers, B..2B-1 rejected ones
     sums = torch.zeros(2 * B, dtype=torch.float32, device=hidden.device).index_add(0, answer, token_logps)
-    counts = torch.bincount(answer, minlength=2 * B).clamp(min=1)  # (2B,) avoid 0/0 for an empty answer
+    # Tokens per answer: every answer token is labelled, so these are the answer lengths (bincount of
+    # `answer` would give the same, after a host sync). clamp: avoid 0/0 for an empty answer.
+    counts = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).clamp(min=1)  # (2B,)
     chosen_sum, rejected_sum = sums.chunk(2)
     chosen_mean, rejected_mean = (sums / counts).chunk(2)
     return chosen_sum, rejected_sum, chosen_mean, rejected_mean

@@ -151,9 +151,13 @@ class GradReducer:
             self._launch(self.buckets[self.launched])
 
     def _launch(self, bucket: Bucket) -> None:
-        flags = bucket.buffer[bucket.numel:]
-        flags.zero_()
-        flags[sorted(bucket.touched)] = 1
+        flags = bucket.buffer[bucket.numel:]  # one per parameter
+        if len(bucket.touched) == len(bucket.params):  # the usual case
+            flags.fill_(1)
+        else:  # integer indices, one at a time: a list index would be copied to the GPU and waited for
+            flags.zero_()
+            for j in bucket.touched:
+                flags[j] = 1
         bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, async_op=True)
         self.launched += 1
 

@@ -34,7 +34,11 @@ def pair_rewards(model, batch):
     [2B, T] batch, chosen rows first."""
     if is_packed(batch):
         return packed_rewards(model, batch)
-    return model(batch["input_ids"], batch["attention_mask"]).chunk(2)  # (2B,) -> (B,), (B,)
+    # The rows are right-padded: causal attention alone is exact for every real token, so no mask
+    # (SDPA's flash kernel, and no host sync to check the padding); each reward is read at its row's
+    # last real token, as RewardModel.forward reads it.
+    last = batch["lengths"] - 1  # (2B,)
+    return model.rewards_at(batch["input_ids"], None, last[:, None])[:, 0].chunk(2)  # (2B,) -> (B,), (B,)
 
 
 def summarize_rewards(s: dict) -> dict[str, float]:

@@ -117,7 +117,8 @@ def train_step(model, objective: Objective, micro_batches: list[dict], optimizer
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     # One collective sums the metrics over ranks; the loss total and the gradient norm in it are
     # then the same on every rank, so all ranks agree to stop before a non-finite step.
-    sums = all_reduce_sums(as_floats({**sums, "grad_norm": grad_norm / env.world_size}), env)
+    # This is the step's one wait for the GPU (the values must reach the host to be checked).
+    sums = all_reduce_sums({**sums, "grad_norm": local_value(grad_norm) / env.world_size}, env)
     if not (math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"])):
         raise FloatingPointError("loss" if not math.isfinite(sums["loss"]) else "gradient norm")
     optimizer.step()
@@ -146,7 +147,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     eval_metrics = None
     while step < plan.total:
         batches = [make_batch(train_items, ids, tokenizer.pad_token_id, "train", env.device, cfg.prefix_sharing,
-                              cfg.pad_to_multiple_of) for ids in plan.micro_batches(step)]
+                              pad_multiple(cfg.pad_to_multiple_of, env.device)) for ids in plan.micro_batches(step)]
         lr = learning_rate(step, plan.total, cfg.lr, cfg.warmup_ratio)
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
@@ -217,6 +218,15 @@ class StepPlan:
                 f"{100 * padding_fraction(batches):.1f}% of batch slots{' (grouped by length)' if self.lengths else ''}")
 
 
+CUDA_PAD_MULTIPLE = 8  # bf16 tensor cores work on multiples of 8, and SDPA's fused kernels want mask rows 16 bytes apart
+
+
+def pad_multiple(asked: int | None, device) -> int | None:
+    """The multiple batches are padded to: --pad_to_multiple_of if given, else 8 on CUDA (a packed
+    row's mask would otherwise be padded to it inside SDPA, again in every layer), else none."""
+    return asked or (CUDA_PAD_MULTIPLE if torch.device(device).type == "cuda" else None)
+
+
 def make_batch(items, indices: list[int], pad_id: int, split: str, device, packed: bool = False,
                pad_to_multiple_of=None) -> dict:
     """Collate the tokenized pairs `indices` of a split into one batch on the device: one row per
@@ -252,7 +262,7 @@ def evaluate(model, objective: Objective, items, cfg: TrainConfig, env: DistEnv,
         with precision:
             losses, metric_sums = objective.loss(model, batch)
         accumulate(sums, {k: weight * v for k, v in {"loss": losses.sum(), **metric_sums}.items()})
-    sums = all_reduce_sums(as_floats(sums), env)
+    sums = all_reduce_sums(sums, env)
     model.train(was_training)
     return objective.summarize(sums)
 
@@ -261,15 +271,6 @@ def accumulate(sums: dict, values: dict):
     """sums[k] += values[k], keeping tensors on their device: no host sync per micro-step."""
     for k, v in values.items():
         sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
-
-
-def as_floats(sums: dict) -> dict[str, float]:
-    """Accumulated sums as Python floats, fetched from the device in one transfer."""
-    keys = sorted(sums)
-    sums = {k: local_value(v) for k, v in sums.items()}  # FSDP's gradient norm is a replicated DTensor
-    device = next((v.device for v in sums.values() if torch.is_tensor(v)), "cpu")
-    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
-    return dict(zip(keys, values.tolist()))
 
 
 def resume_if_asked(run: RunFolder, model, optimizer, cfg: TrainConfig, plan: StepPlan, env: DistEnv) -> int:
