@@ -48,8 +48,9 @@ def concatenated_logps(model, batch):
     # so no mask: SDPA's flash kernel, and no host sync to check the padding (model.Backbone.forward).
     hidden = model.hidden_states(batch["input_ids"])  # (2B, T, C)
     chunk = CHECKPOINT_LOGITS_CHUNK if getattr(model, "gradient_checkpointing", False) else None
+    labelled = (batch["label_rows"], batch["label_cols"]) if "label_rows" in batch else None  # collate_pairs'
     return sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"], chunk_size=chunk,
-                                         labelled=batch.get("labelled"))
+                                         labelled=labelled)
 
 
 def answer_logps(model, batch):
