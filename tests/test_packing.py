@@ -287,11 +287,14 @@ def test_packed_equals_unpacked_on_real_pairs():
 
 # ------------------------------------------------------------------ the attention kernel
 
-def test_packed_path_runs_on_a_fused_attention_kernel():
-    """SDPA with a boolean mask and grouped heads: on CPU the flash kernel takes it (forward and
-    backward); on CUDA the memory-efficient or cuDNN kernel must (model.attend repeats the key/value
-    heads for it). Excluding the math kernel makes a fallback an error instead of a silent slowdown."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_packed_path_runs_on_a_fused_attention_kernel(device):
+    """SDPA with the packed mask (additive, built once per forward: model.additive_mask) and grouped
+    heads: on CPU the flash kernel takes it (forward and backward); on CUDA the memory-efficient or
+    cuDNN kernel must (model.attend repeats the key/value heads for it). Excluding the math kernel
+    makes a fallback an error instead of a silent slowdown. Marked cuda on CUDA, so that
+    `pytest -m cuda` (bench/gpu_check.py) runs it."""
     fused = [SDPBackend.FLASH_ATTENTION] if device == "cpu" else [SDPBackend.EFFICIENT_ATTENTION,
                                                                    SDPBackend.CUDNN_ATTENTION]
     pairs = random_pairs(seed=12)
