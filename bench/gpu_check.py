@@ -14,6 +14,8 @@ Checks, in this order (a check that needs 2 GPUs is skipped on a machine with on
                       backward and the rest of the step (expected 0, 0 and 1: the metrics' fetch)
   dpo step speed      tokens/s of that step at the Qwen2.5-0.5B shape (24 layers), 4 pairs of
                       256 + 256 + 256 tokens per micro-step, bf16 autocast, live reference
+  gqa decode          KV-cache decoding at that shape (14 query heads, 2 key/value heads): fp32 logits
+                      equal the full forward's (1e-4); bf16 ms per token step at B=32 after 1,024 tokens
   rm / dpo bf16       train_rm.py / train_dpo.py --dtype bf16: killed after the step-4 checkpoint and
   kill + resume       resumed, against the uninterrupted run, within 10x the difference between two
                       uninterrupted runs (GPU kernels such as attention's backward may differ in the
@@ -105,6 +107,7 @@ STATE_BYTES, AUTOCAST_BYTES, GATHERED_ROOT_BYTES = 16.0, 2.0, 2.0
 MEMORY_BOUNDS = {1: (0.97, 1.10), 2: (0.9, 1.35)}
 # The speed check's shape (stated in the table): Qwen2.5-0.5B, 4 pairs per micro-step.
 SPEED_SHAPE, SPEED_PAIRS, SPEED_LEN, SPEED_STEPS = "qwen0.5b", 4, 256, 5
+DECODE_SHAPE = (32, 1024, 32)  # the decode check's batch, prompt tokens and new tokens
 MAX_SYNCS = {"forward": 0, "backward": 0, "step": 1}  # the step's one: its metrics reach the host
 REF_FREED_SLACK = 2**20  # bytes memory_allocated may stay above the policy's once the reference is gone
 RUN_TIMEOUT_S = 240
@@ -493,6 +496,53 @@ class Checks:
                 f"bf16 autocast, live reference: {sums['tokens'] / seconds:,.0f} tokens/s, "
                 f"{1e3 * seconds:.0f} ms per step{peak}")
 
+    @torch.no_grad()
+    def gqa_decode(self):
+        """KV-cache decoding of a grouped-query model (Qwen2.5-0.5B's 14 query and 2 key/value heads)
+        on the device: every decoded token's fp32 logits against one full forward, then the bf16
+        decode speed at DECODE_SHAPE (issue #27's item 7: key/value heads shared, not repeated)."""
+        from minialign.model import KVCache
+
+        sys.path.insert(0, str(REPO / "bench"))
+        from common import SHAPES
+
+        cuda = self.device == "cuda"
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        cfg = ModelConfig.from_hf_dict(SHAPES["qwen0.5b" if cuda else "small"])
+        torch.manual_seed(0)
+        with device:
+            model = CausalLM(cfg).eval()
+        ids = torch.randint(3, 1000, (2, 24), device=device)
+        mask = torch.ones(2, 24, dtype=torch.long, device=device)
+        mask[1, :5] = 0  # a left-padded row, as generation pads
+        full = model(ids, mask)  # (2, 24, V)
+        cache, P = KVCache(cfg, 2, 24, device, torch.float32), 16
+        worst = (model(ids[:, :P], mask[:, :P], kv_cache=cache) - full[:, :P]).abs().max().item()
+        for t in range(P, 24):
+            step = model(ids[:, t:t + 1], mask[:, :t + 1], kv_cache=cache)  # (2, 1, V)
+            worst = max(worst, (step[:, 0] - full[:, t]).abs().max().item())
+        B, S, new = DECODE_SHAPE if cuda else (2, 64, 4)
+        model.to(torch.bfloat16)
+        ids = torch.randint(3, 1000, (B, S), device=device)
+        mask = torch.ones(B, S + new, dtype=torch.long, device=device)
+        cache = KVCache(cfg, B, S + new, device, torch.bfloat16)
+        token = model(ids, mask[:, :S], kv_cache=cache)[:, -1:].argmax(-1)  # prefill: (B, 1)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in range(new):
+            token = model(token, mask[:, :S + t + 1], kv_cache=cache)[:, -1:].argmax(-1)  # (B, 1)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        del model, cache
+        release_memory()
+        detail = (f"fp32 max |decoded - full forward| {worst:.1e} (tolerance {FP32_ATOL:g}); bf16 decode, B={B} after "
+                  f"{S} tokens: {1e3 * seconds / new:.1f} ms per token step, {B * new / seconds:,.0f} tokens/s")
+        if worst > FP32_ATOL:
+            raise Failed(detail)
+        return detail
+
     def memory_one(self):
         """Peak of a reward-model step in this process, the reducer on a group of one, against 16 N + 2 M."""
         sys.path.insert(0, str(REPO / "bench"))
@@ -726,6 +776,7 @@ def main(argv=None):
     plan = [("environment", c.environment), ("golden fp32", lambda: c.golden("fp32")),
             ("golden bf16", lambda: c.golden("bf16")), ("host syncs", c.host_syncs),
             ("memory 1 rank", c.memory_one), ("dpo step speed", c.step_speed),
+            ("gqa decode", c.gqa_decode),
             ("rm bf16 kill + resume", lambda: c.kill_and_resume("train_rm.py", [])),
             ("dpo bf16 kill + resume", lambda: c.kill_and_resume("train_dpo.py", [])),
             ("fsdp 1 process", c.fsdp_one_process), ("precompute fsdp", c.precompute_fsdp),
