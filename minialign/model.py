@@ -322,6 +322,8 @@ class Backbone(nn.Module):
         attention_mask: (B, S) with 1 on real tokens, padding left or right (S = past + T); or a ready
             boolean (B, 1, T, S) mask, True where query t may see key s, for rows that are not one
             sequence each (packing.py's [prompt | chosen | rejected]); position_ids are then required.
+            None: no padding, or padding only on the right, whose positions no real token looks at
+            (plain causal attention; training's right-padded rows pass None).
         position_ids: (B, T) rotary position of each token; by default counted from the (B, S) mask.
         read_at: (B, n) positions to return, (B, n, C); the last layer then runs only there
             (DecoderLayer.forward_at, the reward model's shortcut).
