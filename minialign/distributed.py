@@ -161,13 +161,13 @@ def pack_float64(values: list, device) -> torch.Tensor:
     tensors already there are stacked where they are; host numbers travel in one non-blocking copy
     from pinned memory (a blocking copy would wait for every kernel queued before it)."""
     device = torch.device(device)
-    on_device = [isinstance(v, torch.Tensor) and v.device.type == device.type for v in values]
-    host = torch.tensor([float(v) for v, d in zip(values, on_device) if not d], dtype=torch.float64)
+    on_device = [torch.is_tensor(v) and v.device.type == device.type for v in values]
+    host = torch.tensor([float(v) for v, here in zip(values, on_device) if not here], dtype=torch.float64)
     if device.type == "cuda":
         host = host.pin_memory()
-    host = iter(host.to(device, non_blocking=True).unbind())
-    return torch.stack([v.detach().to(torch.float64).reshape(()) if d else next(host)
-                        for v, d in zip(values, on_device)]) if values else torch.zeros(0, dtype=torch.float64)
+    host = iter(host.to(device, non_blocking=True).unbind())  # the host numbers, in order
+    packed = [v.detach().to(torch.float64).reshape(()) if here else next(host) for v, here in zip(values, on_device)]
+    return torch.stack(packed) if packed else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def all_reduce_max(value: float, env: DistEnv) -> float:

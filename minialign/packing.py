@@ -43,7 +43,8 @@ the [2B, T] layout), so packing several pairs into a row would save at most that
 one more level (pairs) and a longer row for attention to cover.
 
 The mask is built from the three segment lengths on the batch's device, in a few vectorised
-operations, once per forward (every layer reuses it). On CUDA a mask rules out SDPA's flash kernel;
+operations, once per forward; the model turns it into the additive mask SDPA uses, once, in the
+compute dtype (model.additive_mask), and every layer reuses that. On CUDA a mask rules out SDPA's flash kernel;
 model.attend keeps it on the memory-efficient kernel (README, Benchmarks).
 
 Shape legend: B pairs (one row each), T padded row length, C hidden size, N answer tokens in the batch.
