@@ -94,7 +94,9 @@ BF16_ATOL = 0.25  # bf16 keeps 8 significant bits; the CPU's bf16 autocast misse
 # steps); a mistake (a missing average, a wrong shard) moves most elements by ~lr.
 CLOSE = 1e-5  # most elements agree to this
 MAX_FAR_SHARE = 1e-3  # share of elements allowed beyond CLOSE
-MAX_DIFF = 2.5e-4  # a quarter of one step's largest move
+# One step's largest move: the CPU dry run's "ddp 2 ranks" (gloo, before and after issue #27) ends
+# with a few elements 3.1e-4 apart (a share of 1.1e-5), which a quarter of it (2.5e-4) refused.
+MAX_DIFF = 1e-3
 NOISE_FACTOR = 10  # a resumed run may differ from the uninterrupted one by this many times the run-to-run noise
 LN2_ATOL = 1e-5
 STEPS, KILL_AT = 8, 5  # short runs, checkpoint every 2 steps: killed at step 5, the step-4 checkpoint resumes
