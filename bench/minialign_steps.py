@@ -74,7 +74,7 @@ def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=Tru
             for b in batches:
                 with autocast_context(dtype, device):
                     table[b["pair_index"].cpu()] = torch.stack(reference(b), dim=-1).float().cpu()  # (B, 2)
-            reference, ref = precomputed_reference({"train": table}), None
+            reference, ref = precomputed_reference({"train": table}, device), None
         objective = dpo_objective("sigmoid", BETA, reference=reference)
     return make_step(model, objective, batches, work, dtype, device), model_state_mb(model, ref)
 
