@@ -257,7 +257,9 @@ def attention_mask_4d(attention_mask, T: int, past: int):
     return visible[:, None]  # (B, 1, T, S)
 
 
-MASK_ALIGN = 8  # SDPA's fused CUDA kernels need a mask whose rows start 16 bytes apart: 8 bf16 values
+# SDPA's memory-efficient kernel takes a mask as it is only if every stride but the last is a multiple
+# of 8 elements (aten's preprocess_mask); otherwise it pads a copy, in every layer.
+MASK_ALIGN = 8
 
 
 def compute_dtype(x):
@@ -279,7 +281,7 @@ def additive_mask(mask, dtype):
     padded = -(-S // MASK_ALIGN) * MASK_ALIGN  # ceil to a multiple
     out = torch.full((B, 1, T, padded), float("-inf"), dtype=dtype, device=mask.device)
     out[..., :S].masked_fill_(mask, 0.0)
-    return out[..., :S]  # (B, 1, T, S), rows padded.stride apart
+    return out[..., :S]  # (B, 1, T, S), its rows `padded` elements apart
 
 
 def positions_from_mask(attention_mask, T: int):

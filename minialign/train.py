@@ -218,7 +218,7 @@ class StepPlan:
                 f"{100 * padding_fraction(batches):.1f}% of batch slots{' (grouped by length)' if self.lengths else ''}")
 
 
-CUDA_PAD_MULTIPLE = 8  # bf16 tensor cores work on multiples of 8, and SDPA's fused kernels want mask rows 16 bytes apart
+CUDA_PAD_MULTIPLE = 8  # bf16 tensor cores work on multiples of 8 (and the mask's rows are then aligned already)
 
 
 def pad_multiple(asked: int | None, device) -> int | None:

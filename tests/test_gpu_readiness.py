@@ -216,8 +216,8 @@ def test_no_host_sync_in_forward_and_backward_one_in_the_step(one_rank_group, ki
 
 def test_packed_mask_is_built_once_per_forward_additive_padded():
     """Every layer gets the same tensor: the packed boolean mask as 0 / -inf in the dtype attention
-    computes in (fp32; bf16 under autocast), its rows 8 elements apart (16 bytes in bf16), as SDPA's
-    fused kernels want them, so that SDPA neither converts nor pads it again in every layer."""
+    computes in (fp32; bf16 under autocast), its rows a multiple of 8 elements apart, as SDPA's
+    memory-efficient kernel wants them, so that SDPA neither converts nor pads it again in every layer."""
     from minialign.packing import collate_packed, packed_attention_mask
 
     torch.manual_seed(0)
