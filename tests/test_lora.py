@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,9 @@ def test_trainers_lora_ln2_merged_save_and_precomputed_reference(tiny_world, tmp
     assert records(tmp_path / "live")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert records(tmp_path / "pre")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert records(tmp_path / "live")[-1]["rewards/margins"] > 1e-3  # the adapters did learn
+    # Under bf16 the frozen base is held in bf16 (lora.hold_base_in_bf16): autocast's own numbers.
+    run("train_dpo.py", tiny_world, tmp_path / "bf16", *lora, "--dtype", "bf16")
+    assert records(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     run("train_rm.py", tiny_world, tmp_path / "rm", *lora)
     ids = torch.randint(3, 300, (2, 11))
     base_state = minialign.load_model(tiny_world["model"]).state_dict()
@@ -276,14 +280,18 @@ def test_lora_two_ranks_equal_one_by_hand_and_fsdp(tiny_world, tmp_path):
     """2 ranks x batch 2 = 1 rank x batch 4, step by step and in the saved adapters: the hand-written
     data parallel (only adapter gradients all-reduced) and FSDP2 with gradient checkpointing and a
     precomputed adapter-off reference."""
-    from test_fsdp import command
-    world = {**tiny_world, "eval11": tiny_world["root"] / "eval11.jsonl"}
-    world["eval11"].write_text("".join(open(tiny_world["data"]).readlines()[:11]))
-    lora = ["--max_steps", "3", "--lora_rank", "4", "--lora_dropout", "0.0"]
+    eval11 = tmp_path / "eval11.jsonl"  # uneven eval shards of 6 and 5
+    eval11.write_text("".join(open(tiny_world["data"]).readlines()[:11]))
+    lora = ["--max_steps", "3", "--lora_rank", "4", "--lr", "1e-3", "--eval_data", str(eval11), "--dist_timeout", "120"]
     runs = {"one": (1, ["--batch_size", "4"]), "dp": (2, ["--batch_size", "2"]),
             "fsdp": (2, ["--batch_size", "2", "--fsdp", "--gradient_checkpointing", "--precompute_ref"])}
     for name, (nproc, extra) in runs.items():
-        cmd = command("train_dpo.py", world, tmp_path / name, nproc, *lora, *extra)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+        cmd = [sys.executable, *launcher, str(ROOT / "train_dpo.py"), "--model", str(tiny_world["model"]), "--data",
+               str(tiny_world["data"]), "--output", str(tmp_path / name), *SMALL, *lora, *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
         assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout}\n{p.stderr}"
     one = tmp_path / "one"
