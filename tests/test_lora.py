@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -279,13 +280,18 @@ def test_lora_killed_and_resumed_equals_uninterrupted(tiny_world, tmp_path):
 def test_lora_two_ranks_equal_one_by_hand_and_fsdp(tiny_world, tmp_path):
     """2 ranks x batch 2 = 1 rank x batch 4, step by step and in the saved adapters: the hand-written
     data parallel (only adapter gradients all-reduced) and FSDP2 with gradient checkpointing and a
-    precomputed adapter-off reference."""
+    precomputed adapter-off reference. The data-parallel run's step-2 checkpoint, resumed under
+    --fsdp (the base gathered, the checkpoint's adapters scattered: resume.with_frozen_base), ends
+    with the same adapters too."""
     eval11 = tmp_path / "eval11.jsonl"  # uneven eval shards of 6 and 5
     eval11.write_text("".join(open(tiny_world["data"]).readlines()[:11]))
     lora = ["--max_steps", "3", "--lora_rank", "4", "--lr", "1e-3", "--eval_data", str(eval11), "--dist_timeout", "120"]
-    runs = {"one": (1, ["--batch_size", "4"]), "dp": (2, ["--batch_size", "2"]),
-            "fsdp": (2, ["--batch_size", "2", "--fsdp", "--gradient_checkpointing", "--precompute_ref"])}
+    fsdp = ["--batch_size", "2", "--fsdp", "--gradient_checkpointing", "--precompute_ref"]
+    runs = {"one": (1, ["--batch_size", "4"]), "dp": (2, ["--batch_size", "2", "--save_every", "2"]),
+            "fsdp": (2, fsdp), "dp_resumed_fsdp": (2, fsdp + ["--save_every", "2", "--resume"])}
     for name, (nproc, extra) in runs.items():
+        if name == "dp_resumed_fsdp":
+            shutil.copytree(tmp_path / "dp", tmp_path / name)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -296,7 +302,8 @@ def test_lora_two_ranks_equal_one_by_hand_and_fsdp(tiny_world, tmp_path):
         assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout}\n{p.stderr}"
     one = tmp_path / "one"
     assert records(one)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
-    for name in ("dp", "fsdp"):
+    assert "resumed at step 2/3" in p.stdout
+    for name in ("dp", "fsdp", "dp_resumed_fsdp"):
         for a, b in zip(records(one), records(tmp_path / name), strict=True):
             for k in ("loss", "rewards/margins", "grad_norm"):
                 assert b[k] == pytest.approx(a[k], abs=1e-5), (name, k, a["step"])
