@@ -28,7 +28,6 @@ LoRA DPO (one model, adapters only), the same pairs, both through minialign.trai
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import statistics
 import sys
@@ -101,13 +100,15 @@ def measure_bytes(shape: str, dtype: str, rank: int) -> dict:
 
 
 def bytes_part(shape: str, rank: int) -> None:
-    report = Report(f"LoRA r {rank}: bytes per parameter, DPO, one process (shape {shape}; N parameters, L frozen linear weights, T trained)")
+    report = Report(f"LoRA r {rank}: bytes per parameter, DPO, one process (shape {shape}; N parameters, "
+                    "L frozen linear weights, T trained)")
     coeffs = {}
     for dtype in ("fp32", "bf16"):
         m = measure_bytes(shape, dtype, rank)
         held_per = m["held"] / (m["T"] + m["tied_head"]) if dtype == "bf16" else m["held"] / max(m["T"], 1)
         row = {"dtype": dtype, "N": m["N"], "L": m["L"], "T": m["T"], "T_share": m["T"] / m["N"],
-               "base_per_linear": m["base_linear"] / m["L"], "base_per_other": m["base_other"] / (m["N"] - m["L"] - m["T"]),
+               "base_per_linear": m["base_linear"] / m["L"],
+               "base_per_other": m["base_other"] / (m["N"] - m["L"] - m["T"]),
                "adapter_w_per_T": m["adapters"] / m["T"], "grads_per_T": m["grads"] / m["T"],
                "adamw_per_T": m["optimizer"] / m["T"], "held_per_T_plus_tied_head": held_per}
         report.add(name="lora/bytes_per_param", **row)

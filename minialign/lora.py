@@ -98,17 +98,18 @@ class LoRALinear(nn.Module):
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.shape[0]}, "
+                f"scale={self.scale:g}")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Freeze the whole model, then replace every nn.Linear named in cfg.targets (matched on the last
     part of its name, as peft matches target_modules) by a LoRALinear around it. A reward model
-    trains its scalar head in full besides: it starts random, a rank-r update could not learn it.
-    Returns the model (changed in place)."""
+    trains its scalar head in full besides (peft's modules_to_save): it is new, random, and only C
+    weights. Returns the model (changed in place)."""
     model.requires_grad_(False)
-    chosen = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in cfg.targets]
+    chosen = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+              and name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in cfg.targets]
     found = {name.rsplit(".", 1)[-1] for name, _ in chosen}
     missing = [t for t in cfg.targets if t not in found]
     if missing:
