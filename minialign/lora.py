@@ -174,7 +174,8 @@ def describe_lora(model: nn.Module, cfg: LoRAConfig) -> str:
 def merged_state(model: nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """A LoRA model's full state (model.state_dict() or resume.full_model_state) as a plain model's:
     W = W0 + (alpha / r) B A for every adapted projection, the adapter tensors dropped. Merged in
-    fp32: in bf16 the small update would be rounded away against W0. Without LoRA (or on a rank
+    fp32: in bf16 the small update would be rounded away against W0. W0 is the model's own, so
+    after hold_base_in_bf16 the bf16 weights training computed with. Without LoRA (or on a rank
     that holds no state, None) it is returned as it is."""
     modules = lora_modules(model)
     if state is None or not modules:
