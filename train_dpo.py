@@ -8,6 +8,9 @@ The reference is the initial policy (or --ref_model), frozen in eval mode (under
 linear weights are held in bf16); with --precompute_ref its log-probs are computed once and
 cached. --loss_type simpo needs no reference and loads none. Output: runs/dpo/model/
 (causal-LM layout with tokenizer files), metrics.jsonl, curves.png, run_config.json, checkpoints/.
+With --lora_rank r only low-rank adapters train (minialign/lora.py), the reference is the policy
+with its adapters off (no second model), model/ holds the merged weights and adapter/ the adapters
+alone in peft's layout.
 """
 import gc
 from pathlib import Path
@@ -17,15 +20,16 @@ import torch
 from minialign import load_model, load_tokenizer, save_model
 from minialign.checkpoint import checkpoint_dtype
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits
-from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
+from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.reducer import GradReducer
-from minialign.dpo import (LOSS_TYPES, dpo_objective, live_reference, precomputed_reference, reference_table,
-                           weights_digest)
+from minialign.dpo import (LOSS_TYPES, adapter_off_reference, dpo_objective, live_reference, precomputed_reference,
+                           reference_table, weights_digest)
 from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded, release
+from minialign.lora import adapter_state, adapters_disabled, apply_lora, describe_lora, hold_base_in_bf16, merged_state, save_adapter
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
@@ -58,38 +62,51 @@ def parse_args(argv=None):
     return args
 
 
-def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
+def load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy=None):
     """The frozen reference as a function of the batch (dpo.py): a live forward of the reference
-    model, or a lookup in its log-probs computed once (--precompute_ref). None for SimPO."""
+    model, or a lookup in its log-probs computed once (--precompute_ref). None for SimPO. With
+    LoRA and no --ref_model the reference is the policy with its adapters off: nothing is loaded."""
     if args.loss_type == "simpo":
         return None
     ref_dir = resolve_model_path(args.ref_model, "--ref_model") if args.ref_model else args.model
-    if args.ref_model:  # another checkpoint: it must score the same token ids the same way
-        check_model_kind(ref_dir, reward=False, what="--ref_model")
-        check_same_tokenizer(tokenizer, args.model, load_tokenizer(ref_dir, chat_format=args.chat_format), ref_dir,
-                             "--model", "--ref_model")
-    if args.fsdp:  # sharded too, stored in the compute dtype: 2 bytes per parameter / W under bf16 (fsdp.py)
-        ref_model = load_sharded(ref_dir, env, dtype, reward=False, frozen=True)
+    if args.lora_rank and not args.ref_model:  # LoRA (#29): the initial model is the policy, adapters off
+        if not args.precompute_ref:
+            return adapter_off_reference(policy)
+        ref_model = policy  # scored inside adapters_disabled below
     else:
-        ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
-        if dtype == "bf16":
-            hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
-    if not args.precompute_ref:
-        return freeing_root_after(live_reference(ref_model), ref_model) if args.fsdp else live_reference(ref_model)
+        ref_model = load_reference_model(args, env, dtype, tokenizer, ref_dir)
+        if not args.precompute_ref:
+            return freeing_root_after(live_reference(ref_model), ref_model) if args.fsdp else live_reference(ref_model)
     cache_dir = args.ref_cache_dir or Path(args.output) / "ref_cache"
     settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
                 "truncation": args.truncation,
                 **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
     digest = weights_digest(ref_dir, env)  # rank 0 reads the weights once, for both splits' keys
-    tables = {name: reference_table(ref_model, digest, tokenizer, items, name, args.eval_batch_size or args.batch_size,
-                                    dtype, settings, cache_dir, env, packed=args.prefix_sharing)
-              for name, items in (("train", train_items), ("eval", eval_items))}
-    release(ref_model)
-    del ref_model
-    # FSDP2 ties a sharded module into reference cycles, which only the cyclic collector frees: run it
-    # now, rather than whenever it next happens to run, to give the reference's memory back for training.
-    gc.collect()
+    with adapters_disabled(ref_model):  # LoRA: the base model; a model without adapters is left as it is
+        tables = {name: reference_table(ref_model, digest, tokenizer, items, name, args.eval_batch_size or args.batch_size,
+                                        dtype, settings, cache_dir, env, packed=args.prefix_sharing)
+                  for name, items in (("train", train_items), ("eval", eval_items))}
+    if ref_model is not policy:  # a separate reference model: give its memory back for training
+        release(ref_model)
+        del ref_model
+        # FSDP2 ties a sharded module into reference cycles, which only the cyclic collector frees: run it
+        # now, rather than whenever it next happens to run.
+        gc.collect()
     return precomputed_reference(tables, env.device)
+
+
+def load_reference_model(args, env, dtype, tokenizer, ref_dir):
+    """The reference model, frozen: --ref_model (checked to share the tokenizer) or the initial policy."""
+    if args.ref_model:  # another checkpoint: it must score the same token ids the same way
+        check_model_kind(ref_dir, reward=False, what="--ref_model")
+        check_same_tokenizer(tokenizer, args.model, load_tokenizer(ref_dir, chat_format=args.chat_format), ref_dir,
+                             "--model", "--ref_model")
+    if args.fsdp:  # sharded too, stored in the compute dtype: 2 bytes per parameter / W under bf16 (fsdp.py)
+        return load_sharded(ref_dir, env, dtype, reward=False, frozen=True)
+    ref_model = load_model(ref_dir, device=env.device).eval().requires_grad_(False)
+    if dtype == "bf16":
+        hold_frozen_in_bf16(ref_model)  # half the memory, the same numbers under autocast (precision.py)
+    return ref_model
 
 
 def main(argv=None):
@@ -109,16 +126,23 @@ def main(argv=None):
     data = data_config(args)
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
-    # 2. Policy, and the frozen reference (none for SimPO).
+    # 2. Policy (with --lora_rank: adapters on the frozen model, lora.py), and the frozen reference (none for SimPO).
+    lora = lora_config(args)
     if args.fsdp:
-        policy = load_sharded(args.model, env, dtype)
+        policy = load_sharded(args.model, env, dtype, prepare=(lambda m: apply_lora(m, lora)) if lora else None)
     else:
         policy = load_model(args.model, device=env.device)
+        if lora:  # LoRA (#29); under bf16 its frozen base needs no fp32 master copy
+            apply_lora(policy, lora)
+            if dtype == "bf16":
+                hold_base_in_bf16(policy)
         broadcast_parameters(policy, env)
     check_tokenizer_fits(policy.config, tokenizer, args.model)  # every token id has an embedding row
     policy.gradient_checkpointing = args.gradient_checkpointing
     print0(env, describe_setup(policy, env, dtype))
-    reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items)
+    if lora:
+        print0(env, describe_lora(policy, lora))
+    reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy)
 
     # 3. Train, evaluate, save.
     objective = dpo_objective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha,
@@ -131,6 +155,9 @@ def main(argv=None):
     eval_metrics, records = train(policy, objective, train_items, eval_items, train_config(args, dtype, settings), env,
                                   tokenizer, grad_sync, run)
     weights = full_model_state(policy, env)  # on rank 0 (gathered from the shards under --fsdp)
+    if lora and env.is_main:  # LoRA (#29): the adapters alone, in peft's layout, beside the merged model
+        save_adapter(run.path / "adapter", adapter_state(policy, weights), lora, args.model, reward=False)
+    weights = merged_state(policy, weights)  # LoRA (#29): W0 + s*B*A, a plain model; unchanged without LoRA
     if env.is_main:
         save_dtype = checkpoint_dtype(policy.config) if args.save_dtype == "auto" else args.save_dtype
         save_model(policy, run.path / "model", tokenizer, dtype=save_dtype, state=weights)

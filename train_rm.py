@@ -7,18 +7,21 @@ With neither --model nor --data it trains on the demo world (built under runs/de
 The backbone is any supported causal-LM checkpoint; a scalar head Linear(hidden, 1) reads
 the last real token (the answer's end-of-turn token). Output: runs/rm/model/ (Hugging Face
 sequence-classification layout), metrics.jsonl, curves.png, run_config.json, checkpoints/.
+With --lora_rank r the backbone trains low-rank adapters and the head in full (minialign/lora.py);
+model/ holds the merged weights and adapter/ the adapters and head in peft's layout.
 """
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
 from minialign.checkpoint import checkpoint_dtype
 from minialign.compat import check_tokenizer_fits
-from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
+from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, run_main, run_settings, train_config)
 from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.fsdp import FSDPGradSync, load_sharded
+from minialign.lora import adapter_state, apply_lora, describe_lora, hold_base_in_bf16, merged_state, save_adapter
 from minialign.reducer import GradReducer
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
@@ -60,15 +63,23 @@ def main(argv=None):
 
     # 2. Model: the causal-LM backbone with a fresh scalar head (or a reward model to continue).
     # The fresh head is random: every rank starts from rank 0's (broadcast, or scattered into shards).
+    # With --lora_rank: adapters on the frozen backbone, the head trained in full (lora.py).
+    lora = lora_config(args)
     if args.fsdp:
-        model = load_sharded(args.model, env, dtype, reward=True)
+        model = load_sharded(args.model, env, dtype, reward=True, prepare=(lambda m: apply_lora(m, lora)) if lora else None)
     else:
         model = load_model(args.model, reward=True, device=env.device)
+        if lora:  # LoRA (#29); under bf16 its frozen base needs no fp32 master copy
+            apply_lora(model, lora)
+            if dtype == "bf16":
+                hold_base_in_bf16(model)
         broadcast_parameters(model, env)
     check_tokenizer_fits(model.config, tokenizer, args.model)  # every token id has an embedding row
     model.config.pad_token_id = tokenizer.pad_token_id  # written to config.json, as HF expects
     model.gradient_checkpointing = args.gradient_checkpointing
     print0(env, describe_setup(model, env, dtype))
+    if lora:
+        print0(env, describe_lora(model, lora))
 
     # 3. Train, evaluate, save.
     objective = reward_objective(args.center_rewards_coef, args.margin)
@@ -79,6 +90,9 @@ def main(argv=None):
     eval_metrics, records = train(model, objective, train_items, eval_items, train_config(args, dtype, settings), env,
                                   tokenizer, grad_sync, run)
     weights = full_model_state(model, env)  # on rank 0 (gathered from the shards under --fsdp)
+    if lora and env.is_main:  # LoRA (#29): the adapters and the head alone, in peft's layout, beside the merged model
+        save_adapter(run.path / "adapter", adapter_state(model, weights), lora, args.model, reward=True)
+    weights = merged_state(model, weights)  # LoRA (#29): W0 + s*B*A, a plain model; unchanged without LoRA
     if env.is_main:
         save_dtype = checkpoint_dtype(model.config) if args.save_dtype == "auto" else args.save_dtype
         save_model(model, run.path / "model", tokenizer, dtype=save_dtype, state=weights)

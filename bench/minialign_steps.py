@@ -13,7 +13,8 @@ import torch
 from common import serve_steps, two_row_tokens
 from minialign import load_model
 from minialign.distributed import DistEnv
-from minialign.dpo import dpo_objective, live_reference, precomputed_reference
+from minialign.dpo import adapter_off_reference, dpo_objective, live_reference, precomputed_reference
+from minialign.lora import LoRAConfig, apply_lora, hold_base_in_bf16
 from minialign.precision import autocast_context
 from minialign.reducer import GradReducer
 from minialign.reward import reward_objective
@@ -46,26 +47,34 @@ def make_step(model, objective, batches, work, dtype, device):
 
 def model_state_mb(trained, frozen=None) -> float:
     """Memory that does not depend on the batch: the trained weights with their gradients and
-    AdamW's two moments (4 fp32 copies), plus a frozen reference's weights."""
-    mb = 4 * sum(p.numel() * p.element_size() for p in trained.parameters()) / 2**20
+    AdamW's two moments (4 fp32 copies), the model's frozen tensors (a LoRA base), plus a frozen
+    reference's weights."""
+    mb = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in trained.parameters()) / 2**20
     if frozen is not None:
         mb += sum(p.numel() * p.element_size() for p in frozen.parameters()) / 2**20
     return mb
 
 
 def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=True, gradient_checkpointing=False,
-               precompute_reference=False):
+               precompute_reference=False, lora_rank=0):
     """(step, state_mb) for "rm" (Bradley-Terry) or "dpo" (sigmoid loss, with the reference live
     every step, or precomputed once beforehand as train_dpo.py --precompute_ref does), training
     on the pairs items[i] in the batches `order` (lists of indices), collated as train() collates
-    them (train.make_batch: packed, or chosen and rejected rows)."""
+    them (train.make_batch: packed, or chosen and rejected rows). lora_rank > 0: LoRA on the seven
+    projections as the trainers apply it, and for DPO the live reference is the adapter-off policy."""
     model = load_model(checkpoint, device=device)
+    if lora_rank:
+        apply_lora(model, LoRAConfig(rank=lora_rank))
+        if dtype == "bf16":
+            hold_base_in_bf16(model)
     model.gradient_checkpointing = gradient_checkpointing
     batches = [make_batch(items, idx, pad_id, "train", device, packed) for idx in order]
     work = [(len(idx), two_row_tokens([items[i] for i in idx])) for idx in order]
     ref = None
     if kind == "rm":
         objective = reward_objective()
+    elif lora_rank and not precompute_reference:
+        objective = dpo_objective("sigmoid", BETA, reference=adapter_off_reference(model))
     else:
         ref = load_model(checkpoint, device=device).eval().requires_grad_(False)
         reference = live_reference(ref)

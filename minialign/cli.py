@@ -14,6 +14,7 @@ import sys
 
 from .data import FORMATS, PKU_LABEL_KEYS
 from .errors import UserError
+from .lora import DEFAULT_TARGETS, LoRAConfig
 from .prepare import DataConfig
 from .tokenizer import CHAT_FORMAT_CHOICES
 from .train import TrainConfig
@@ -176,6 +177,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="auto (bf16 on a GPU that has it, else fp32), fp32/float32, or bf16/bfloat16 "
                         "(autocast matmuls, fp32 master weights)")
     t.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and split")
+    lo = parser.add_argument_group("LoRA (minialign/lora.py; README: LoRA)")
+    lo.add_argument("--lora_rank", type=non_negative_int, default=0,
+                    help="train rank-r adapters on the frozen model instead of every weight (0: full fine-tuning)")
+    lo.add_argument("--lora_alpha", type=positive_float, default=16.0, help="the adapters' update is scaled by alpha / r")
+    lo.add_argument("--lora_dropout", type=float_range(0.0, 1.0, high_open=True), default=0.0,
+                    help="dropout on the adapters' input")
+    lo.add_argument("--lora_targets", type=lora_targets, default=DEFAULT_TARGETS, metavar="NAMES",
+                    help="comma-separated projections to adapt, among " + ",".join(DEFAULT_TARGETS))
     r = parser.add_argument_group("logging and data parallel")
     r.add_argument("--log_every", type=non_negative_int, default=1, help="progress line every N steps (0: at the end)")
     r.add_argument("--eval_every", type=non_negative_int, default=0, help="evaluate every N steps (0: at the end)")
@@ -202,6 +211,26 @@ def check_training_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--resume and --overwrite contradict each other")
     if args.resume_anyway and not args.resume:
         parser.error("--resume_anyway only makes sense with --resume")
+    lora_flags = [f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(args, k) != parser.get_default(k)]
+    if lora_flags and not args.lora_rank:
+        parser.error(f"{', '.join(lora_flags)} needs --lora_rank > 0 (0 is full fine-tuning, without adapters)")
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    """--lora_targets: comma-separated projection names, each one of lora.DEFAULT_TARGETS."""
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # in order, once each
+    unknown = [t for t in names if t not in DEFAULT_TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not a projection name; give some of "
+                                         f"{','.join(DEFAULT_TARGETS)}")
+    return names
+
+
+def lora_config(args) -> LoRAConfig | None:
+    """The adapters' settings from the flags; None for full fine-tuning (--lora_rank 0)."""
+    if not args.lora_rank:
+        return None
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
 
 
 def data_config(args) -> DataConfig:
@@ -228,7 +257,10 @@ def run_settings(args, **objective_settings) -> dict:
     every checkpoint and compared on --resume): the model, the optimisation, the objective."""
     return {"model": str(args.model), "seed": args.seed, "lr": args.lr, "weight_decay": args.weight_decay,
             "warmup_ratio": args.warmup_ratio, "max_grad_norm": args.max_grad_norm,
-            "group_by_length": args.group_by_length, **objective_settings}
+            "group_by_length": args.group_by_length,
+            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                     "targets": list(args.lora_targets)} if args.lora_rank else None,  # LoRA (#29)
+            **objective_settings}
 
 
 # ------------------------------------------------------------------------- error boundary
@@ -254,6 +286,6 @@ def run_main(main, argv=None):
 
 
 __all__ = [
-    "add_training_args", "check_training_args", "data_config", "train_config", "run_settings", "ArgumentParser", "HelpFormatter", "int_range", "float_range", "positive_int", "non_negative_int",
+    "add_training_args", "check_training_args", "data_config", "lora_config", "lora_targets", "train_config", "run_settings", "ArgumentParser", "HelpFormatter", "int_range", "float_range", "positive_int", "non_negative_int",
     "positive_float", "non_negative_float", "train_dtype", "eval_dtype", "run_main", "debug_requested",
 ]

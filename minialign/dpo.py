@@ -29,6 +29,7 @@ from .checkpoint import save_tensors
 from .collate import to_device
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
 from .logprobs import CHECKPOINT_LOGITS_CHUNK, sequence_logprobs_from_hidden
+from .lora import adapters_disabled
 from .losses import dpo_loss, simpo_loss
 from .objective import Objective, mean_metrics, preference_sums
 from .packing import collate, is_packed, packed_logps
@@ -68,6 +69,16 @@ def live_reference(ref_model):
     def reference(batch):
         with torch.no_grad():
             return answer_logps(ref_model, batch)[:2]  # (B,) chosen, (B,) rejected
+    return reference
+
+
+def adapter_off_reference(policy):
+    """LoRA (lora.py): the reference is the policy itself with its adapters switched off, which is
+    the initial model exactly (W0 never trains), so no second copy of the model is held. No graph;
+    gradient checkpointing and the adapters' dropout take no part without gradients and adapters."""
+    def reference(batch):
+        with torch.no_grad(), adapters_disabled(policy):
+            return answer_logps(policy, batch)[:2]  # (B,) chosen, (B,) rejected
     return reference
 
 
@@ -211,5 +222,6 @@ def reference_table(ref_model, weights_sha256: str, tokenizer, items, name: str,
     return table
 
 
-__all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "live_reference", "precomputed_reference", "dpo_objective",
-           "summarize_dpo", "reference_table", "compute_reference_logps", "reference_cache_key", "weights_digest"]
+__all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "live_reference", "adapter_off_reference",
+           "precomputed_reference", "dpo_objective", "summarize_dpo", "reference_table", "compute_reference_logps",
+           "reference_cache_key", "weights_digest"]

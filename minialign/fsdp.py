@@ -91,19 +91,23 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     return model
 
 
-def load_sharded(path, env: DistEnv, dtype: str, reward: bool | None = None, frozen: bool = False):
+def load_sharded(path, env: DistEnv, dtype: str, reward: bool | None = None, frozen: bool = False, prepare=None):
     """The checkpoint at `path` as a sharded model: rank 0 alone reads it (to its CPU), the other
     ranks build the same modules on the meta device (no memory), every rank shards, and rank 0's
     tensors are scattered to the shards, one tensor at a time. Host memory: one copy of the model,
     on rank 0. Rank 0's values win, so a freshly initialised reward head is the same on every rank.
     frozen: a reference model, no gradients, stored in the compute dtype (bf16 under --dtype bf16:
-    exactly the bf16 values the policy's all-gather produces from the same fp32 weights)."""
+    exactly the bf16 values the policy's all-gather produces from the same fp32 weights).
+    prepare: a change made to the whole model before sharding (lora.apply_lora: its adapters are
+    sharded like any parameter, rank 0's initial values scattered with the rest)."""
     if env.is_main:
         model = load_model(path, reward=reward)
     else:
         cfg = load_config(path)
         with torch.device("meta"):
             model = RewardModel(cfg) if (cfg.is_reward_model if reward is None else reward) else CausalLM(cfg)
+    if prepare is not None:
+        prepare(model)
     if frozen:
         model.eval().requires_grad_(False)
         if dtype == "bf16":

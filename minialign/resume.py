@@ -33,6 +33,7 @@ from .checkpoint import atomic_directory, read_state_dict, save_tensors, write_m
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
 from .errors import UserError, read_json
 from .fsdp import gather_model_state, gather_optimizer_state, is_sharded, scatter_state
+from .lora import ADAPTER_WEIGHTS, adapter_state, has_lora, merged_state, read_adapter, trained_names
 from .run_folder import RunFolder
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -156,7 +157,9 @@ def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokeni
     if env.is_main:
         name = f"step-{step:06d}"
         with atomic_directory(run.checkpoints / name) as tmp:
-            write_model_files(model, tmp, tokenizer, state=weights)
+            write_model_files(model, tmp, tokenizer, state=merged_state(model, weights))  # LoRA: W0 + s*B*A (lora.py)
+            if has_lora(model):  # LoRA (#29): and the trained tensors alone, which are what a resume restores
+                save_tensors(adapter_state(model, weights), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
             save_tensors(optim, tmp / OPTIMIZER_FILE)
             state = {"step": step, "run_id": run.run_id, "settings": settings, "rng": rng_state(env.device)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -166,13 +169,14 @@ def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokeni
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     """(state, weights, optimizer tensors) of one checkpoint folder; a UserError naming the file
-    when any part is missing or damaged."""
+    when any part is missing or damaged. A LoRA run's weights are its trained tensors alone
+    (adapter_model.safetensors): its model files hold the merged weights, not the frozen base."""
     state_file = folder / STATE_FILE
     state = read_json(state_file, "the checkpoint's training state")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise UserError(f"{state_file} is damaged (no integer 'step')")
     try:
-        weights = read_state_dict(folder)
+        weights = read_adapter(folder / ADAPTER_WEIGHTS) if (folder / ADAPTER_WEIGHTS).is_file() else read_state_dict(folder)
     except UserError:
         raise
     except (SafetensorError, OSError, ValueError) as e:
@@ -225,10 +229,24 @@ def load_training_checkpoint(run: RunFolder, model, optimizer, settings: dict, a
     if header is None:
         return None
     folder, state = header
+    if has_lora(model):  # LoRA (#29): the checkpoint holds the trained tensors, the frozen base is --model's
+        weights = with_frozen_base(model, weights, env)
     load_full_state(model, optimizer, weights, optim, folder, env)
     restore_rng(state["rng"], env.device)
     print0(env, f"resuming from {folder}")
     return state["step"]
+
+
+def with_frozen_base(model, trained: dict | None, env: DistEnv) -> dict | None:
+    """Rank 0: the full state to restore into a LoRA model, its frozen base as loaded from --model
+    (training never changes it) with the checkpoint's trained tensors; None on the other ranks. A
+    trained tensor the checkpoint lacks stays missing, for checked_weights to name. A collective
+    when the model is sharded (the base is gathered)."""
+    base = full_model_state(model, env)
+    if not env.is_main:
+        return None
+    trained_here = set(trained_names(model))
+    return {**{k: v for k, v in base.items() if k not in trained_here}, **trained}
 
 
 def checked_weights(model, weights: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
