@@ -25,6 +25,11 @@ class MissingFileError(UserError, FileNotFoundError):
     __str__ = Exception.__str__  # FileNotFoundError's own formatting expects (errno, strerror)
 
 
+class NothingToDo(Exception):
+    """The command asked for work that is already done (a --resume of a finished run): the scripts
+    print the message and exit with status 0, having changed nothing."""
+
+
 def read_json(path, what: str = "") -> object:
     """The parsed contents of a JSON file the user handed us; a missing or malformed file is a
     UserError naming it (and `what` it is, e.g. "the checkpoint's config"), never a raw traceback."""
@@ -43,4 +48,4 @@ def read_json(path, what: str = "") -> object:
         raise UserError(f"{label}: cannot be read ({e.strerror or e})") from None
 
 
-__all__ = ["UserError", "MissingFileError", "read_json"]
+__all__ = ["UserError", "MissingFileError", "NothingToDo", "read_json"]

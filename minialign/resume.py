@@ -150,7 +150,7 @@ def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokeni
     ranks wait until it is on disk."""
     weights, optim = full_model_state(model, env), full_optimizer_tensors(model, optimizer, env)
     if env.is_main:
-        name = f"step-{step:06d}"
+        name = run.checkpoint_name(step)  # never a folder this run did not write
         with atomic_directory(run.checkpoints / name) as tmp:
             write_model_files(model, tmp, tokenizer, state=weights)
             save_tensors(optim, tmp / OPTIMIZER_FILE)
