@@ -11,6 +11,7 @@ half-written checkpoint where a good one was.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -128,6 +129,15 @@ def check_finite(state: dict[str, torch.Tensor], index: dict[str, TensorInfo]) -
             bad = int((~torch.isfinite(t)).sum())
             raise UserError(f"{index[key].file}: tensor '{key}' holds {bad} NaN or infinite value(s); these weights "
                             f"are damaged (re-download or re-save them, or pick an earlier checkpoint)")
+
+
+def same_weights(a, b) -> bool:
+    """Whether two checkpoint folders hold the same weight files: the same files, or byte-equal ones
+    (read only when the names and sizes already agree)."""
+    fa, fb = _weight_files(Path(a)), _weight_files(Path(b))
+    if [f.name for f in fa] != [f.name for f in fb] or [f.stat().st_size for f in fa] != [f.stat().st_size for f in fb]:
+        return False
+    return all(os.path.samefile(x, y) or filecmp.cmp(x, y, shallow=False) for x, y in zip(fa, fb))
 
 
 def weights_fingerprint(path) -> str:
