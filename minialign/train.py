@@ -32,7 +32,7 @@ import torch
 
 from .collate import to_device
 from .distributed import DistEnv, all_reduce_max, all_reduce_sums, print0
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .fsdp import is_sharded, local_value
 from .objective import Objective
 from .packing import collate, packed_length, row_length
@@ -151,7 +151,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
         except FloatingPointError as what:
-            raise UserError(nonfinite_message(str(what), step, run, cfg)) from None
+            raise NonFiniteError(nonfinite_message(str(what), step, run, cfg)) from None
         step += 1
         record = {"step": step, "split": "train", **objective.summarize(sums), "lr": lr,
                   "grad_norm": sums["grad_norm"], "epoch": step / plan.steps_per_epoch, **clock.tick(step, sums["tokens"]),
