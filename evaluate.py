@@ -352,7 +352,8 @@ def run_dpo(args, env):
     if kl:
         summary["kl"] = sampled_kl(both.policy_logps, both.base_logps, [len(a) for a in both.scored_ids], k,
                                    args.n_resamples, args.seed)
-    summary.update(same_model=same_model, base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
+    summary.update(same_model=same_model)
+    summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)",

@@ -76,7 +76,8 @@ def main(argv=None):
     settings = {**data_settings(data), **run_settings(args, objective="bradley_terry", margin=args.margin,
                                                        center_rewards_coef=args.center_rewards_coef),
                 # what a resumed run must also share: the renderer, the precision, the very weights it started from
-                "chat_format": tokenizer.chat_format_id, "dtype": dtype, "model_weights": weights_fingerprint(args.model)}
+                "chat_format": tokenizer.chat_format_id, "dtype": dtype,
+                "model_weights": weights_fingerprint(args.model)}
     run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
     grad_sync = FSDPGradSync(model) if args.fsdp else GradReducer(model, env, args.bucket_mb)
     eval_metrics, records = train(model, objective, train_items, eval_items, train_config(args, dtype, settings), env,

@@ -179,7 +179,8 @@ def _compiled(template: str):
                 raise jinja2.exceptions.SecurityError(f"an exponent above {MAX_EXPONENT}")
             return super().call_binop(context, operator, left, right)
 
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace, dict=Dict())
     return env.from_string(template)

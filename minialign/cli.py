@@ -161,8 +161,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
     t.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     t.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate")
-    t.add_argument("--large_lr", action="store_true", help=f"confirm an --lr above {LARGE_LR:g} (without it such a value "
-                   "is refused as a likely typo)")
+    t.add_argument("--large_lr", action="store_true",
+                   help=f"confirm an --lr above {LARGE_LR:g} (without it such a value is refused as a likely typo)")
     t.add_argument("--weight_decay", type=non_negative_float, default=0.0,
                    help="AdamW decoupled weight decay (never on norms and biases)")
     t.add_argument("--warmup_ratio", type=float_range(0.0, 1.0, high_open=True), default=0.03,

@@ -45,7 +45,8 @@ def length_controlled_sentence(lc: dict) -> str:
                 f"prompt's length difference is 0, so there is no length to control for).")
     return (f"Length-controlled win rate (logistic model of the outcome on tanh(length difference / "
             f"{_num(lc['scale'], '.1f')}), AlpacaEval 2's; the predicted win rate at equal length): "
-            f"**{_num(lc['win_rate'])}** (95% CI {_ci(lc['win_rate_ci95'])}; length slope {_num(lc['slope'], '+.2f')}).")
+            f"**{_num(lc['win_rate'])}** (95% CI {_ci(lc['win_rate_ci95'])}; "
+            f"length slope {_num(lc['slope'], '+.2f')}).")
 
 
 SAME_MODEL = ("The policy and the base are the same model (identical weight files): every difference below is "

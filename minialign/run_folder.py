@@ -136,12 +136,17 @@ class RunFolder:
         `check`), tidy what killed writers left, record the run (rank 0); all ranks wait."""
         verdict = None
         if self.env.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock()
-            verdict = self._refusal(resume, overwrite)
-            if verdict is None:
-                self._take(resume, overwrite, run_config)
-            else:
+            try:  # whatever stops rank 0 here is sent to every rank: none is left waiting for the others
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._lock()
+                verdict = self._refusal(resume, overwrite)
+                if verdict is None:
+                    self._take(resume, overwrite, run_config)
+            except UserError as e:
+                verdict = ("error", str(e))
+            except OSError as e:  # a read-only folder, a full disk
+                verdict = ("error", f"cannot write {e.filename or self.path}: {e.strerror or e}")
+            if verdict is not None:
                 self.release()
         self._raise(verdict)
         self.record = broadcast_object(self.record, self.env)

@@ -81,7 +81,8 @@ def test_a_missing_hub_id_is_one_line_with_the_download_command(hub_env, monkeyp
     assert message.startswith("--reward_model Qwen/Qwen2.5-0.5B-Instruct: no such folder")
     assert str(hub_env / "cache") in message
     # `hf`, the command current huggingface_hub installs (issue #26, item 11), in both forms
-    assert "`hf download Qwen/Qwen2.5-0.5B-Instruct` (then --reward_model Qwen/Qwen2.5-0.5B-Instruct finds it)" in message
+    assert ("`hf download Qwen/Qwen2.5-0.5B-Instruct` (then --reward_model Qwen/Qwen2.5-0.5B-Instruct "
+            "finds it)") in message
     assert ("`hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct` "
             "and pass --reward_model Qwen2.5-0.5B-Instruct") in message
 

@@ -123,7 +123,8 @@ def test_new_run_refuses_an_old_runs_folder_and_overwrite_moves_the_whole_run_as
     run.claim(resume=False, overwrite=True, run_config={})
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1
-    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoints", "curves.png", "metrics.jsonl", "model", "run.json"]
+    moved = sorted(p.name for p in aside[0].iterdir())
+    assert moved == ["checkpoints", "curves.png", "metrics.jsonl", "model", "run.json"]
     assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (aside[0] / "model" / "model.safetensors").read_bytes() == b"the only copy"
     assert json.loads((aside[0] / "run.json").read_text())["run_id"] == "old"
