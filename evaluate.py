@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from minialign import load_model, load_tokenizer
+from minialign.checkpoint import same_weights
 from minialign.cli import (ArgumentParser, eval_dtype, float_range, int_range, non_negative_float, non_negative_int,
                            positive_float, positive_int, run_main)
 from minialign.collate import tokenize_pairs
@@ -85,6 +86,11 @@ def demo_world_if_none(given: dict, env, what: str):
     from minialign.demo import demo_paths  # imported only when needed: it may build the demo world
 
     return demo_paths(env)
+
+
+# A prompt longer than this makes generation's prefill slow enough to deserve a line first.
+LONG_PROMPT_TOKENS = 8192
+SAME_MODEL_NOTE = "the comparison can only come out a tie (win rate 0, every prompt a tie)"
 
 
 def announce(args, env) -> None:
@@ -302,6 +308,9 @@ def run_dpo(args, env):
     base_config = check_slot(args.base, "--base", reward=False)
     policy_config = check_slot(args.policy, "--policy", reward=False)
     rm_config = check_slot(args.reward_model, "--reward_model", reward=True)
+    same_model = same_weights(resolve_model_path(args.policy, "--policy"), resolve_model_path(args.base, "--base"))
+    if same_model:
+        print0(env, f"note: --policy and --base are the same model (identical weight files); {SAME_MODEL_NOTE}")
     tokenizer = load_tokenizer(args.base, chat_format=args.chat_format)
     rm_tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
     check_same_tokenizer(tokenizer, args.base, load_tokenizer(args.policy, chat_format=args.chat_format), args.policy,
@@ -317,6 +326,10 @@ def run_dpo(args, env):
     n_cut = sum(cut)
     print0(env, f"{len(prompts)} prompts, {k} answer(s) each per model; {n_cut} prompt(s) longer than "
                 f"--max_prompt_length {args.max_prompt_length} keep their last tokens")
+    longest = max(map(len, ids), default=0)
+    if longest > LONG_PROMPT_TOKENS:  # say so before the long silence of a prefill this size
+        print0(env, f"the longest prompt has {longest:,} tokens: generating from it takes long (attention's cost grows "
+                    f"with the square of the length; minutes on a CPU); lower --max_prompt_length to go faster")
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
     asked_ids = [p for p in ids for _ in range(k)]
 
@@ -339,6 +352,7 @@ def run_dpo(args, env):
     if kl:
         summary["kl"] = sampled_kl(both.policy_logps, both.base_logps, [len(a) for a in both.scored_ids], k,
                                    args.n_resamples, args.seed)
+    summary.update(same_model=same_model)
     summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.checkpoint import checkpoint_dtype
+from minialign.checkpoint import checkpoint_dtype, weights_fingerprint
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
@@ -115,7 +115,7 @@ def main(argv=None):
     if args.model is None:
         use_demo_world(args, env)
     args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
-    run = RunFolder(args.output, env)
+    run = RunFolder(args.output, env, script="train_dpo.py")
     run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
     check_model_kind(args.model, reward=False, what="--model")  # DPO trains a causal LM, not a reward model
     dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
@@ -123,6 +123,7 @@ def main(argv=None):
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
+    print0(env, tokenizer.describe_chat_format())
     data = data_config(args)
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
@@ -149,7 +150,11 @@ def main(argv=None):
                               reference)
     settings = {**data_settings(data), **run_settings(
         args, objective="dpo", loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
-        simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, ref_model=str(args.ref_model or args.model))}
+        simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, ref_model=str(args.ref_model or args.model)),
+        # what a resumed run must also share: the renderer, the precision, the very weights it started from
+        "chat_format": tokenizer.chat_format_id, "dtype": dtype, "model_weights": weights_fingerprint(args.model)}
+    if args.loss_type != "simpo":  # the reference is re-read from its folder on resume: it must not have changed
+        settings["ref_weights"] = weights_fingerprint(resolve_model_path(args.ref_model or args.model, "--ref_model"))
     run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
     grad_sync = FSDPGradSync(policy) if args.fsdp else GradReducer(policy, env, args.bucket_mb)
     eval_metrics, records = train(policy, objective, train_items, eval_items, train_config(args, dtype, settings), env,

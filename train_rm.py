@@ -13,7 +13,7 @@ model/ holds the merged weights and adapter/ the adapters and head in peft's lay
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.checkpoint import checkpoint_dtype
+from minialign.checkpoint import checkpoint_dtype, weights_fingerprint
 from minialign.compat import check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, run_main, run_settings, train_config)
@@ -51,13 +51,14 @@ def main(argv=None):
     if args.model is None:
         use_demo_world(args, env)
     args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
-    run = RunFolder(args.output, env)
+    run = RunFolder(args.output, env, script="train_rm.py")
     run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
     dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
     torch.manual_seed(args.seed)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
+    print0(env, tokenizer.describe_chat_format())
     data = data_config(args)
     train_items, eval_items = prepare_pairs(tokenizer, data, env)
 
@@ -84,7 +85,10 @@ def main(argv=None):
     # 3. Train, evaluate, save.
     objective = reward_objective(args.center_rewards_coef, args.margin)
     settings = {**data_settings(data), **run_settings(args, objective="bradley_terry", margin=args.margin,
-                                                       center_rewards_coef=args.center_rewards_coef)}
+                                                       center_rewards_coef=args.center_rewards_coef),
+                # what a resumed run must also share: the renderer, the precision, the very weights it started from
+                "chat_format": tokenizer.chat_format_id, "dtype": dtype,
+                "model_weights": weights_fingerprint(args.model)}
     run.claim(args.resume, args.overwrite, {**vars(args), "dtype": dtype, "world_size": env.world_size})
     grad_sync = FSDPGradSync(model) if args.fsdp else GradReducer(model, env, args.bucket_mb)
     eval_metrics, records = train(model, objective, train_items, eval_items, train_config(args, dtype, settings), env,

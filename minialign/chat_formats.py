@@ -46,6 +46,16 @@ SHORT_TEMPLATES = {
     "qwen2": _with_default_system(QWEN2_SYSTEM),
     "smollm2": _with_default_system(SMOLLM2_SYSTEM),
 }
+# Templates that render plain system/user/assistant conversations as a family's Python renderer
+# does: what a model trained with --chat_format FAMILY saves, so that whoever loads it later
+# (minialign, transformers) renders the format it was trained in. Qwen2.5's official template is
+# long (tools); for plain conversations it is ChatML after a default system turn, written even for
+# an empty conversation (render_qwen2_5). Qwen3's rules need its official template (not carried).
+TRAINED_TEMPLATES = {
+    **SHORT_TEMPLATES,
+    "qwen2.5": ("{% if not messages or messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+                + QWEN2_5_SYSTEM + "<|im_end|>\\n' }}{% endif %}" + CHATML_TEMPLATE),
+}
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,12 +21,22 @@ builds for `tokenizer.apply_chat_template(messages, tokenize=False)`
     documents=None, and the named special tokens of tokenizer_config.json that are set
     (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token).
 
+The sandbox keeps a template from reaching Python's internals, not from working forever: it
+bounds each range() at 100,000 steps, yet two nested loops make 10^10. So each render has a
+time limit (RENDER_SECONDS, a timer signal, in the main thread where the scripts render), and
+whatever a template raises (its own raise_exception, a range too big, an include with nothing to
+include, recursion, memory) is one ChatTemplateError naming the template: it is the template's
+fault, never minialign's.
+
 jinja2 is an optional dependency (pip install -e ".[templates]"), imported only when a template
 needs it. tests/fixtures/chat_templates_jinja.json holds strings transformers rendered, to compare.
 """
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 
@@ -37,10 +47,39 @@ TEMPLATES_EXTRA = 'pip install -e ".[templates]"'  # the setup.cfg extra that in
 MIN_JINJA2 = (3, 1, 6)  # what transformers requires too: earlier versions have known sandbox escapes
 # The named special tokens transformers passes to a template (PreTrainedTokenizerBase.special_tokens_map).
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Seconds one render may take. A real template renders a conversation in well under a millisecond;
+# a data set renders each pair three times, so a slower one is a template doing useless work.
+RENDER_SECONDS = 10.0
+MAX_PRODUCT_LENGTH = 10**7  # longest string or list a template may build with '*' or '+' (a prompt is far shorter)
+MAX_EXPONENT = 1000  # largest power a template may compute with '**'
 
 
 class ChatTemplateError(UserError):
     """The template refused a conversation (raise_exception) or failed while rendering it."""
+
+
+class RenderTimeout(Exception):
+    """Raised inside a render that ran past RENDER_SECONDS."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise RenderTimeout in the block after `seconds` (SIGALRM; only in the main thread, the one
+    signals reach, and where the platform has setitimer; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RenderTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def import_jinja2(source: str):
@@ -122,8 +161,26 @@ def _compiled(template: str):
         def fromkeys(self, *args, **kwargs):
             return dict.fromkeys(*args, **kwargs)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, with '*', '+' and '**' checked before they run: 'x' * 10**10 would take
+        10 GB (the kernel kills the process before Python sees a MemoryError), a string doubled
+        by '+' forty times as much, and 9 ** 10**9 minutes."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+            counts = [v for v in (left, right) if isinstance(v, int)]
+            if operator == "*" and sizes and counts and sizes[0] * max(counts) > MAX_PRODUCT_LENGTH:
+                raise jinja2.exceptions.SecurityError(f"a repetition longer than {MAX_PRODUCT_LENGTH:,} items")
+            if operator == "+" and sum(sizes) > MAX_PRODUCT_LENGTH:
+                raise jinja2.exceptions.SecurityError(f"a concatenation longer than {MAX_PRODUCT_LENGTH:,} items")
+            if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+                raise jinja2.exceptions.SecurityError(f"an exponent above {MAX_EXPONENT}")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace, dict=Dict())
     return env.from_string(template)
@@ -147,17 +204,28 @@ class JinjaChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise UserError(f"{source}: the chat template is not valid Jinja (template line {e.lineno}: "
                             f"{e.message})") from None
+        except (RecursionError, MemoryError) as e:  # nested too deeply to compile
+            raise UserError(f"{source}: the chat template cannot be compiled ({type(e).__name__})") from None
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         """Render; `variables` are extra template variables (e.g. date_string for Llama 3)."""
         check_messages(messages)
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # a fresh copy, as transformers
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **{**self.special_tokens, **variables})
+            with time_limit(RENDER_SECONDS):
+                return self._template.render(messages=messages, tools=None, documents=None,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **{**self.special_tokens, **variables})
         except self._error as e:
             raise ChatTemplateError(f"{self.source}: the chat template refused the conversation: {e}") from None
+        except RenderTimeout:
+            raise ChatTemplateError(f"{self.source}: the chat template ran for more than {RENDER_SECONDS:g} s on one "
+                                    f"conversation (loops doing useless work?); fix it, or choose a built-in "
+                                    f"renderer with --chat_format") from None
+        except Exception as e:  # untrusted code: anything it raises is the template's fault (module docstring)
+            what = str(e).split("\n")[0][:200] or type(e).__name__
+            raise ChatTemplateError(f"{self.source}: the chat template failed ({type(e).__name__}: {what}); fix it, "
+                                    f"or choose a built-in renderer with --chat_format") from None
 
 
 __all__ = ["JinjaChatTemplate", "ChatTemplateError", "import_jinja2", "SPECIAL_TOKEN_KEYS", "TEMPLATES_EXTRA"]

@@ -11,6 +11,7 @@ half-written checkpoint where a good one was.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -31,6 +32,9 @@ from .model import CausalLM, RewardModel
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# The file atomic_directory puts inside its temporary folders: with the name's pattern, what lets
+# the start-up clean-up (run_folder.py) tell a killed writer's leftovers from a user's folder.
+TEMP_MARKER = ".minialign-partial"
 # Files a tokenizer may consist of; copied along with the weights when given a tokenizer folder.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -113,7 +117,35 @@ def read_state_dict(path, names=None) -> dict[str, torch.Tensor]:
                         state[key] = f.get_tensor(key)
         except SafetensorError as e:
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    check_finite(state, index)
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], index: dict[str, TensorInfo]) -> None:
+    """Refuse weights holding NaN or Inf: training from them gives a non-finite loss at the first
+    step, evaluating them gives nonsense, and neither says which tensor was at fault."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{index[key].file}: tensor '{key}' holds {bad} NaN or infinite value(s); these weights "
+                            f"are damaged (re-download or re-save them, or pick an earlier checkpoint)")
+
+
+def same_weights(a, b) -> bool:
+    """Whether two checkpoint folders hold the same weight files: the same files, or byte-equal ones
+    (read only when the names and sizes already agree)."""
+    fa, fb = _weight_files(Path(a)), _weight_files(Path(b))
+    if [f.name for f in fa] != [f.name for f in fb] or [f.stat().st_size for f in fa] != [f.stat().st_size for f in fb]:
+        return False
+    return all(os.path.samefile(x, y) or filecmp.cmp(x, y, shallow=False) for x, y in zip(fa, fb))
+
+
+def weights_fingerprint(path) -> str:
+    """Size and modification time of every weight file of a checkpoint folder: a resumed run
+    compares it with the one it recorded, so weights replaced under the same path are noticed
+    without reading them (hashing a 1 GB file on every start would cost seconds)."""
+    files = _weight_files(Path(path))
+    return "; ".join(f"{f.name} {f.stat().st_size} bytes, modified {f.stat().st_mtime_ns}" for f in files)
 
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
@@ -209,16 +241,23 @@ def atomic_directory(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if (tmp / TEMP_MARKER).is_file():  # our own leftover (a pid reused); anything else is not ours to delete
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        raise UserError(f"{tmp} exists and was not made by minialign; move it away so that {path} can be written")
     tmp.mkdir()
+    (tmp / TEMP_MARKER).write_text(str(os.getpid()))
     try:
         yield tmp
+        (tmp / TEMP_MARKER).unlink()
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        if old.exists():  # the replaced copy is now redundant: marked, so a kill mid-delete is tidied later
+            (old / TEMP_MARKER).write_text(str(os.getpid()))
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +267,11 @@ def atomic_directory(path):
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
     """safetensors' save_file, with the file's permissions set by the umask like any other file
     (save_file creates it 0600, which a teammate on a shared cluster cannot read)."""
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # safetensors reports a full disk or a file-size limit this way
+        raise UserError(f"{path} could not be written ({e}); check the free disk space, quota and "
+                        f"file-size limit (ulimit -f)") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -8,12 +8,13 @@ and keeps its traceback. `--debug` (or MINIALIGN_DEBUG=1) shows the traceback of
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
 
 from .data import FORMATS, PKU_LABEL_KEYS
-from .errors import UserError
+from .errors import NothingToDo, UserError
 from .lora import DEFAULT_TARGETS, LoRAConfig
 from .prepare import DataConfig
 from .tokenizer import CHAT_FORMAT_CHOICES
@@ -21,6 +22,12 @@ from .train import TrainConfig
 
 DEBUG_ENV = "MINIALIGN_DEBUG"
 USAGE_ERROR = 2  # the exit status argparse uses for a bad command line; we use it for every user error
+# A learning rate above this is far beyond fine-tuning's (DPO ~5e-7, reward models ~1e-5, LoRA ~1e-4)
+# and is most often a typo (5e7 for 5e-7) that destroys the model: it needs --large_lr to confirm.
+LARGE_LR = 1e-2
+# Failures of the machine around the run, not of minialign: a folder it may not write, a full disk,
+# a quota, a file-size limit (ulimit -f). Reported in one line, like a user's mistake.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -155,6 +162,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
     t.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     t.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate")
+    t.add_argument("--large_lr", action="store_true",
+                   help=f"confirm an --lr above {LARGE_LR:g} (without it such a value is refused as a likely typo)")
     t.add_argument("--weight_decay", type=non_negative_float, default=0.0,
                    help="AdamW decoupled weight decay (never on norms and biases)")
     t.add_argument("--warmup_ratio", type=float_range(0.0, 1.0, high_open=True), default=0.03,
@@ -214,6 +223,9 @@ def check_training_args(parser: argparse.ArgumentParser, args) -> None:
     lora_flags = [f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(args, k) != parser.get_default(k)]
     if lora_flags and not args.lora_rank:
         parser.error(f"{', '.join(lora_flags)} needs --lora_rank > 0 (0 is full fine-tuning, without adapters)")
+    if args.lr > LARGE_LR and not args.large_lr:
+        parser.error(f"--lr {args.lr:g} is above {LARGE_LR:g}, far above what fine-tuning uses (DPO ~5e-7, reward "
+                     f"models ~1e-5): a typo such as 5e7 for 5e-7? Pass --large_lr to train with it anyway")
 
 
 def lora_targets(text: str) -> tuple[str, ...]:
@@ -276,13 +288,26 @@ def run_main(main, argv=None):
     their rank), since a mistake may be local to one node (a file missing on its disk)."""
     try:
         return main(argv)
-    except UserError as e:
-        if debug_requested(argv):
+    except NothingToDo as e:  # e.g. --resume of a finished run: say so, change nothing, succeed
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(e, flush=True)
+        return None
+    except (UserError, OSError) as e:
+        if debug_requested(argv) or (isinstance(e, OSError) and not isinstance(e, UserError)
+                                     and e.errno not in WRITE_ERRNOS):
             raise
         rank = int(os.environ.get("RANK", "0") or 0)
         prefix = "error: " if rank == 0 else f"error (rank {rank}): "
-        print(prefix + " ".join(str(e).split("\n")), file=sys.stderr, flush=True)
+        message = str(e) if isinstance(e, UserError) else write_failure(e)
+        print(prefix + " ".join(message.split("\n")), file=sys.stderr, flush=True)
         sys.exit(USAGE_ERROR)
+
+
+def write_failure(e: OSError) -> str:
+    """One line for a write the machine refused (WRITE_ERRNOS), naming the file and what to check."""
+    where = f"cannot write {e.filename}" if e.filename else "a write failed"
+    return (f"{where}: {e.strerror or e} (check the folder's permissions, the free disk space, the quota and "
+            f"the file-size limit, ulimit -f; files already complete, such as earlier checkpoints, are intact)")
 
 
 __all__ = [

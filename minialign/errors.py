@@ -25,6 +25,16 @@ class MissingFileError(UserError, FileNotFoundError):
     __str__ = Exception.__str__  # FileNotFoundError's own formatting expects (errno, strerror)
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient norm; the message names the flag values
+    most likely at fault (a learning rate or loss scale far too large)."""
+
+
+class NothingToDo(Exception):
+    """The command asked for work that is already done (a --resume of a finished run): the scripts
+    print the message and exit with status 0, having changed nothing."""
+
+
 def read_json(path, what: str = "") -> object:
     """The parsed contents of a JSON file the user handed us; a missing or malformed file is a
     UserError naming it (and `what` it is, e.g. "the checkpoint's config"), never a raw traceback."""
@@ -43,4 +53,4 @@ def read_json(path, what: str = "") -> object:
         raise UserError(f"{label}: cannot be read ({e.strerror or e})") from None
 
 
-__all__ = ["UserError", "MissingFileError", "read_json"]
+__all__ = ["UserError", "MissingFileError", "NothingToDo", "NonFiniteError", "read_json"]

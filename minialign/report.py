@@ -25,9 +25,7 @@ def length_paragraph(summary) -> str:
     tol = buckets["tolerance_tokens"]
     text = (f"Ties counted as half a win: **{_num(summary['win_rate_ties_half'])}** (95% CI "
             f"{_ci(summary['win_rate_ties_half_ci95'])}). Mean length difference, policy minus base: "
-            f"{_num(summary['mean_length_diff_tokens'], '+.1f')} tokens per prompt. Length-controlled win rate (logistic model of the outcome on tanh(length difference / "
-            f"{_num(lc['scale'], '.1f')}), AlpacaEval 2's; the predicted win rate at equal length): "
-            f"**{_num(lc['win_rate'])}** (95% CI {_ci(lc['win_rate_ci95'])}; length slope {_num(lc['slope'], '+.2f')}). "
+            f"{_num(summary['mean_length_diff_tokens'], '+.1f')} tokens per prompt. {length_controlled_sentence(lc)} "
             f"Win rate (ties as 1/2) where the policy answered within {tol} tokens of the base: "
             f"{_num(buckets['similar']['win_rate'])} (n={buckets['similar']['n']}); shorter: "
             f"{_num(buckets['shorter']['win_rate'])} (n={buckets['shorter']['n']}); longer: "
@@ -37,6 +35,22 @@ def length_paragraph(summary) -> str:
         text += (f" KL from the base on the policy's own answers: {_num(kl['kl_per_token'], '.4f')} per token "
                  f"(95% CI {_ci(kl['kl_per_token_ci95'], '.4f')}), {_num(kl['kl_per_answer'], '.3f')} per answer.")
     return text + "\n"
+
+
+def length_controlled_sentence(lc: dict) -> str:
+    """The length-controlled win rate in words; without any length difference (scale 0, e.g. a
+    policy identical to its base) there is nothing to control for, and no tanh(d / 0) to print."""
+    if not lc["scale"]:
+        return (f"Length-controlled win rate: {_num(lc['win_rate'])}, the plain model with no length term (every "
+                f"prompt's length difference is 0, so there is no length to control for).")
+    return (f"Length-controlled win rate (logistic model of the outcome on tanh(length difference / "
+            f"{_num(lc['scale'], '.1f')}), AlpacaEval 2's; the predicted win rate at equal length): "
+            f"**{_num(lc['win_rate'])}** (95% CI {_ci(lc['win_rate_ci95'])}; "
+            f"length slope {_num(lc['slope'], '+.2f')}).")
+
+
+SAME_MODEL = ("The policy and the base are the same model (identical weight files): every difference below is "
+              "sampling noise or none at all, and a win rate of 0 with every prompt a tie is the expected result.")
 
 
 def dpo_report(summary: dict, rows: list[dict], k: int) -> str:
@@ -53,6 +67,7 @@ def dpo_report(summary: dict, rows: list[dict], k: int) -> str:
         f"{summary['max_new_tokens']}, seed {summary['seed']}. {summary['prompts_truncated']} prompt(s) longer than "
         f"max_prompt_length {summary['max_prompt_length']} "
         f"tokens kept their last tokens for generation.\n",
+        *([f"**{SAME_MODEL}**\n"] if summary.get("same_model") else []),
         f"Win rate of the policy (strictly higher {'mean ' if spp > 1 else ''}reward on the prompt): "
         f"**{summary['win_rate']:.3f}** "
         f"(95% bootstrap CI {summary['win_rate_ci95'][0]:.3f} to {summary['win_rate_ci95'][1]:.3f}); "

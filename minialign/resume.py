@@ -155,7 +155,7 @@ def save_training_checkpoint(run: RunFolder, step: int, model, optimizer, tokeni
     ranks wait until it is on disk."""
     weights, optim = full_model_state(model, env), full_optimizer_tensors(model, optimizer, env)
     if env.is_main:
-        name = f"step-{step:06d}"
+        name = run.checkpoint_name(step)  # never a folder this run did not write
         with atomic_directory(run.checkpoints / name) as tmp:
             write_model_files(model, tmp, tokenizer, state=merged_state(model, weights))  # LoRA: W0 + s*B*A (lora.py)
             if has_lora(model):  # LoRA (#29): and the trained tensors alone, which are what a resume restores

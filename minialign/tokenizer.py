@@ -22,6 +22,7 @@ and, being one token in all of these, the first id a generation stops on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from .chat_formats import (  # noqa: F401  (re-exported: the chat formats are part of this module's API)
-    CHAT_FORMATS, CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SHORT_TEMPLATES, detect_chat_format,
+    CHAT_FORMATS, CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SHORT_TEMPLATES, TRAINED_TEMPLATES, detect_chat_format,
 )
 from .chat_jinja import SPECIAL_TOKEN_KEYS, JinjaChatTemplate
 from .errors import MissingFileError, UserError, read_json
@@ -104,6 +105,7 @@ class Tokenizer:
         self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.config = dict(config or {})  # other tokenizer_config.json keys, written back by save()
         self.chat_format = choose_chat_format(chat_template, chat_format, self.template_source)
+        self.own_chat_format = choose_chat_format(chat_template, None, self.template_source)  # what "auto" picks
         if self.chat_format == JINJA:
             self._render = JinjaChatTemplate(chat_template, self.special_tokens, self.template_source)
         else:
@@ -150,6 +152,30 @@ class Tokenizer:
         return f"chat format {self.chat_format!r}"
 
     @property
+    def chat_format_id(self) -> str | None:
+        """The renderer, as a resumed run compares it: the family's name, or for Jinja the template's hash."""
+        if self.chat_format != JINJA:
+            return self.chat_format
+        return f"jinja, template sha256 {hashlib.sha256(self.chat_template.encode()).hexdigest()[:16]}"
+
+    def describe_chat_format(self) -> str:
+        """The trainers' start-up line: the chat format the run renders with, and whether it is the
+        checkpoint's own."""
+        if self.chat_format == self.own_chat_format or self.chat_format == JINJA:
+            return f"chat format: {self.template_name}, the checkpoint's own"
+        own = "no template" if self.own_chat_format is None else f"{self.own_chat_format!r}"
+        kept = ("the saved model gets this format's template" if self.chat_format in TRAINED_TEMPLATES else
+                f"the saved model keeps its own template: evaluate it with --chat_format {self.chat_format}")
+        return f"chat format: {self.template_name}, chosen by --chat_format (the checkpoint's own: {own}); {kept}"
+
+    def trained_template(self) -> str | None:
+        """The template to save with a model trained with this tokenizer: the checkpoint's own, or,
+        when --chat_format chose another family, that family's (chat_formats.TRAINED_TEMPLATES)."""
+        if self.chat_format in (self.own_chat_format, JINJA, None):
+            return self.chat_template
+        return TRAINED_TEMPLATES.get(self.chat_format, self.chat_template)
+
+    @property
     def end_of_turn_token_id(self) -> int | None:
         """The end-of-turn token when the template ends a turn with exactly one token, else None."""
         return self.end_of_turn_ids[0] if len(self.end_of_turn_ids) == 1 else None
@@ -191,15 +217,15 @@ class Tokenizer:
         return self._render(messages, add_generation_prompt)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json (with the chat template) into `path`.
-        An explicit `chat_format=` override is not recorded; pass it again when loading."""
+        """Write tokenizer.json and tokenizer_config.json into `path`, with the chat template the
+        tokenizer renders (trained_template: a `chat_format=` override's family template)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path / "tokenizer.json"))
         config = dict(self.config)
         config.update(eos_token=self.eos_token, pad_token=self.pad_token, bos_token=self.bos_token)
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+        if self.trained_template() is not None:
+            config["chat_template"] = self.trained_template()
         with open(path / "tokenizer_config.json", "w") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 

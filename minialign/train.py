@@ -32,7 +32,7 @@ import torch
 
 from .collate import to_device
 from .distributed import DistEnv, all_reduce_max, all_reduce_sums, print0
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .fsdp import is_sharded, local_value
 from .objective import Objective
 from .packing import collate, packed_length, row_length
@@ -152,7 +152,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
         except FloatingPointError as what:
-            raise FloatingPointError(nonfinite_message(str(what), step, run)) from None
+            raise NonFiniteError(nonfinite_message(str(what), step, run, cfg)) from None
         step += 1
         record = {"step": step, "split": "train", **objective.summarize(sums), "lr": lr,
                   "grad_norm": sums["grad_norm"], "epoch": step / plan.steps_per_epoch, **clock.tick(step, sums["tokens"]),
@@ -281,9 +281,8 @@ def resume_if_asked(run: RunFolder, model, optimizer, cfg: TrainConfig, plan: St
         return 0
     settings = {**cfg.run_settings, "global_batch": plan.global_batch, "total_steps": plan.total}
     step = load_training_checkpoint(run, model, optimizer, settings, cfg.resume_anyway, env)
-    if step is None:
-        print0(env, f"--resume: no checkpoint in {run.checkpoints}, starting from scratch")
-        return 0
+    if step is None:  # claim() refuses such a run already; never train it again from scratch over its files
+        raise UserError(f"--resume: no checkpoint of this run in {run.checkpoints}; start it again with --overwrite")
     print0(env, f"resumed at step {step}/{plan.total}")
     return step
 
@@ -293,10 +292,18 @@ def save_checkpoint(run: RunFolder, step: int, model, optimizer, tokenizer, cfg:
     save_training_checkpoint(run, step, model, optimizer, tokenizer, settings, cfg.save_total_limit, env)
 
 
-def nonfinite_message(what: str, step: int, run: RunFolder) -> str:
+# The objective's flags that scale the loss or its gradient: with --lr, the likely cause of a
+# non-finite loss (--beta 1e300 overflows the sigmoid's argument), named with their values.
+LOSS_SCALE_FLAGS = ("beta", "simpo_gamma", "rpo_alpha", "margin", "center_rewards_coef")
+
+
+def nonfinite_message(what: str, step: int, run: RunFolder, cfg: TrainConfig) -> str:
     ckpt = run.latest_checkpoint_name()
     where = f"the last good checkpoint is {run.checkpoints / ckpt}" if ckpt else "no checkpoint was written yet"
-    return f"non-finite {what} at step {step + 1}; training stopped, {where} (lower --lr or check the data)"
+    flags = [f"--lr {cfg.lr:g}"] + [f"--{k} {cfg.run_settings[k]:g}" for k in LOSS_SCALE_FLAGS
+                                     if isinstance(cfg.run_settings.get(k), (int, float))]
+    return (f"non-finite {what} at step {step + 1} with {' '.join(flags)}; training stopped, {where}. A value "
+            f"too large among these is the likely cause: lower it (or check the data)")
 
 
 def describe_setup(model, env: DistEnv, dtype: str) -> str:

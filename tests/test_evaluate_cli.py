@@ -179,10 +179,14 @@ def test_dpo_policy_equal_to_base(world):
     same weights: equal within 1e-6)."""
     out = world["root"] / "eval_dpo_same"
     root = world["root"]
-    run_cli("dpo", "--base", root / "base", "--policy", root / "base", "--reward_model", root / "rm",
-            "--data", world["data"], "--output", out, "--samples_per_prompt", 2, "--max_new_tokens", 8,
-            "--temperature", 1.0, "--n_resamples", 50)
+    proc = run_cli("dpo", "--base", root / "base", "--policy", root / "base", "--reward_model", root / "rm",
+                   "--data", world["data"], "--output", out, "--samples_per_prompt", 2, "--max_new_tokens", 8,
+                   "--temperature", 1.0, "--n_resamples", 50)
     summary = json.loads((out / "summary.json").read_text())
+    # Said, not left to the reader of "win rate 0.0" (issue #26, item 10); no "tanh(length difference / 0.0)".
+    report = (out / "report.md").read_text()
+    assert "--policy and --base are the same model" in proc and summary["same_model"] is True
+    assert "the same model (identical weight files)" in report and "/ 0.0)" not in report
     assert (summary["win_rate"], summary["ties"], summary["win_rate_ties_half"]) == (0.0, 4, 0.5)
     assert summary["mean_length_diff_tokens"] == 0 and summary["length_controlled"]["win_rate"] == pytest.approx(0.5)
     assert abs(summary["kl"]["kl_per_token"]) < 1e-6 and abs(summary["kl"]["kl_per_answer"]) < 1e-6

@@ -80,8 +80,31 @@ def test_a_missing_hub_id_is_one_line_with_the_download_command(hub_env, monkeyp
     assert isinstance(e.value, UserError) and "\n" not in message
     assert message.startswith("--reward_model Qwen/Qwen2.5-0.5B-Instruct: no such folder")
     assert str(hub_env / "cache") in message
-    assert ("`huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct` "
+    # `hf`, the command current huggingface_hub installs (issue #26, item 11), in both forms
+    assert ("`hf download Qwen/Qwen2.5-0.5B-Instruct` (then --reward_model Qwen/Qwen2.5-0.5B-Instruct "
+            "finds it)") in message
+    assert ("`hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct` "
             "and pass --reward_model Qwen2.5-0.5B-Instruct") in message
+
+
+def test_refs_main_never_leads_out_of_the_cache(hub_env, monkeypatch):
+    """refs/main holding an absolute path, or a relative one climbing out of snapshots/, is refused
+    in one line (it was followed: issue #26, item 7); a snapshot that links out is never chosen."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_env / "cache"))
+    outside = hub_env / "elsewhere"
+    outside.mkdir()
+    for ref in (str(outside), "../../../elsewhere", ".."):
+        repo = fake_repo(hub_env / "cache", "org/evil", main=ref)
+        with pytest.raises(UserError, match="not a snapshot inside") as e:
+            resolve_model_path("org/evil")
+        assert "\n" not in str(e.value)
+        shutil.rmtree(repo)
+    repo = fake_repo(hub_env / "cache", "org/link", main=None)
+    for h in HASHES:
+        (repo / "snapshots" / h).rmdir()
+    (repo / "snapshots" / "4444dddd").symlink_to(outside)  # the only snapshot leads outside
+    with pytest.raises(MissingFileError):
+        resolve_model_path("org/link")
 
 
 def test_library_loaders_take_hub_ids(hub_env, monkeypatch, tiny_tokenizer_dir):
@@ -94,5 +117,5 @@ def test_library_loaders_take_hub_ids(hub_env, monkeypatch, tiny_tokenizer_dir):
         shutil.copy(f, snapshot)
     assert minialign.load_model("tiny/llama").config.hidden_size == 32
     assert minialign.load_tokenizer("tiny/llama").chat_format == "chatml"
-    with pytest.raises(MissingFileError, match="huggingface-cli download tiny/other"):
+    with pytest.raises(MissingFileError, match="hf download tiny/other"):
         minialign.load_model("tiny/other")

@@ -1,6 +1,7 @@
 """Resuming where users resume: optimizer state placed as torch's own loader places it (the fused
 kernel on a GPU needs `step` on the parameter's device), and ranks on machines with their own
 disks resuming from rank 0's checkpoint instead of silently from scratch."""
+import json
 import os
 import shutil
 import socket
@@ -138,6 +139,8 @@ def test_ranks_on_their_own_disks_resume_from_rank_0s_checkpoint(tiny_world, tmp
     assert not (disks[1] / "runs").exists()  # nothing is written on rank 1's disk
     first = load_file(str(disks[0] / "runs/rm/model/model.safetensors"))
     shutil.rmtree(disks[0] / "runs/rm/model")
+    record = disks[0] / "runs/rm/run.json"  # as if stopped after its step-4 checkpoint (a finished run is not redone)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "finished": False}))
     outs = launch_on_own_disks(tiny_world, disks, "--resume")
     assert "resumed at step 4/6" in outs[0]
     resumed = load_file(str(disks[0] / "runs/rm/model/model.safetensors"))

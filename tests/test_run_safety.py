@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import train_dpo
 import train_rm
+from minialign.checkpoint import TEMP_MARKER
 from minialign.cli import run_main
 from minialign.distributed import DistEnv
 from minialign.errors import UserError
@@ -99,15 +100,20 @@ def test_missing_data_file_is_one_line_through_the_script(tmp_path, tiny_world):
 # ------------------------------------------------------------------------- the run folder
 
 def make_old_run(folder: Path, steps=(2, 4)):
-    """A finished run's leftovers: run.json, metrics.jsonl and checkpoints listed in the record."""
+    """A run's leftovers: run.json, metrics.jsonl, model/, curves.png and checkpoints listed in the record."""
     (folder / "checkpoints").mkdir(parents=True)
     for s in steps:
         (folder / "checkpoints" / f"step-{s:06d}").mkdir()
     (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"the only copy")
+    (folder / "curves.png").write_bytes(b"png")
     (folder / "run.json").write_text(json.dumps({"run_id": "old", "checkpoints": [f"step-{s:06d}" for s in steps]}))
 
 
-def test_new_run_refuses_an_old_runs_folder_and_overwrite_moves_checkpoints_aside(tmp_path, capsys):
+def test_new_run_refuses_an_old_runs_folder_and_overwrite_moves_the_whole_run_aside(tmp_path, capsys):
+    """--overwrite moves run.json, metrics, figure, model and checkpoints into one previous-<time>/
+    (only checkpoints/ was moved before, and the model deleted: issue #26, item 2)."""
     make_old_run(tmp_path)
     with pytest.raises(UserError, match="already holds a run.*--resume.*--overwrite"):
         RunFolder(tmp_path, ENV1).check(resume=False, overwrite=False)
@@ -115,8 +121,13 @@ def test_new_run_refuses_an_old_runs_folder_and_overwrite_moves_checkpoints_asid
     run = RunFolder(tmp_path, ENV1)
     run.check(resume=False, overwrite=True)
     run.claim(resume=False, overwrite=True, run_config={})
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.before-")]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-000002", "step-000004"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1
+    moved = sorted(p.name for p in aside[0].iterdir())
+    assert moved == ["checkpoints", "curves.png", "metrics.jsonl", "model", "run.json"]
+    assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert (aside[0] / "model" / "model.safetensors").read_bytes() == b"the only copy"
+    assert json.loads((aside[0] / "run.json").read_text())["run_id"] == "old"
     assert run.record["checkpoints"] == [] and run.run_id != "old"
     assert "moved to" in capsys.readouterr().out
     run.release()
@@ -151,23 +162,29 @@ def test_lock_stops_a_second_run_and_a_stale_lock_is_taken(tmp_path):
     dead.wait()  # a pid that no longer runs
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
     second = RunFolder(tmp_path, ENV1)
-    second.claim(resume=True, overwrite=False, run_config={})  # the stale lock is replaced
+    second.claim(resume=False, overwrite=True, run_config={})  # the stale lock is replaced
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     second.release()
     assert not (tmp_path / ".lock").exists()
 
 
 def test_stale_temp_folders_are_removed_at_start(tmp_path):
+    """Removed: a dead writer's temp folder, named and marked as atomic_directory makes them. Kept: a
+    live writer's, and a user's folder that only looks like one (no marker; issue #26, item 6)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / "checkpoints" / f".step-000004.tmp-{dead.pid}"
     live = tmp_path / "checkpoints" / f".step-000008.tmp-{os.getpid()}"  # a writer that still runs
-    for d in (stale, live):
+    users = tmp_path / f".model.tmp-{dead.pid}"  # named like a temp folder, but made by a user
+    for d in (stale, live, users):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"x" * 100)
+    for d in (stale, live):
+        (d / TEMP_MARKER).write_text("")
+    (tmp_path / "checkpoints" / "step-000002").mkdir()  # a checkpoint to resume from
     run = RunFolder(tmp_path, ENV1)
     run.claim(resume=True, overwrite=False, run_config={})
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and (users / "model.safetensors").exists()
     run.release()
 
 
@@ -190,14 +207,33 @@ def weights(out):
     return load_file(str(Path(out) / "model" / "model.safetensors"))
 
 
+def interrupted(out):
+    """Make a finished run look like one killed after its last checkpoint (run.json: not finished)."""
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "finished": False}))
+
+
 @pytest.mark.slow
 def test_resume_checks_settings_falls_back_from_a_damaged_checkpoint_and_tolerates_a_cut_metrics_line(tiny_world, tmp_path):
     whole, out = tmp_path / "whole", tmp_path / "run"
     train(tiny_world, whole)
     train(tiny_world, out)
+    interrupted(out)
     # A different seed re-splits the data: the resume is refused, naming the setting.
     p = train(tiny_world, out, "--resume", "--seed", "1", check=False)
     assert p.returncode == 2 and "seed: 0 then, 1 now" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # Another chat format, precision, or weights under the same --model path: refused too, each
+    # named (all three were accepted silently: issue #26, item 5).
+    weights_file = Path(tiny_world["model"]) / "model.safetensors"
+    stat = weights_file.stat()
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # "replaced" a second later
+    try:
+        p = train(tiny_world, out, "--resume", "--chat_format", "qwen2", "--dtype", "bf16", check=False)
+    finally:
+        os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "chat_format: 'chatml' then, 'qwen2' now" in p.stderr and "dtype: 'fp32' then, 'bf16' now" in p.stderr
+    assert "model_weights: 'model.safetensors" in p.stderr
     # Damage the latest checkpoint (step 4: an empty optimizer file) and cut the last metrics line.
     (out / "checkpoints" / "step-000004" / "optimizer.safetensors").write_bytes(b"")
     metrics = out / "metrics.jsonl"
@@ -209,6 +245,7 @@ def test_resume_checks_settings_falls_back_from_a_damaged_checkpoint_and_tolerat
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
     assert steps == [1, 2, 3, 4, 5, 6]
     # --resume_anyway continues although a setting changed, and says so.
+    interrupted(out)
     p = train(tiny_world, out, "--resume", "--resume_anyway", "--lr", "2e-3")
     assert "warning: resuming despite changed settings (lr: 0.001 then, 0.002 now)" in p.stdout
 
