@@ -292,6 +292,8 @@ def test_lora_two_ranks_equal_one_by_hand_and_fsdp(tiny_world, tmp_path):
     for name, (nproc, extra) in runs.items():
         if name == "dp_resumed_fsdp":
             shutil.copytree(tmp_path / "dp", tmp_path / name)
+            record = tmp_path / name / "run.json"  # as if stopped after its step-2 checkpoint (a finished run is not redone)
+            record.write_text(json.dumps({**json.loads(record.read_text()), "finished": False}))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
