@@ -24,6 +24,9 @@ import torch.nn as nn
 from .errors import UserError
 
 DEFAULT_TIMEOUT_S = 1800  # a collective that waits this long means a rank died or diverged
+# A wait for rank 0's writes (a checkpoint, the model, a cache) lasts as long as the disk takes: 12
+# bytes per parameter of a 32B model on slow shared storage can take longer than any collective should.
+DISK_WAIT_TIMEOUT_S = 6 * 3600
 
 
 @dataclass
@@ -34,6 +37,9 @@ class DistEnv:
     world_size: int
     local_rank: int  # index of this process on its node = its GPU index
     device: torch.device
+    # A CPU (gloo) group over the same ranks, with the long DISK_WAIT_TIMEOUT_S, for barrier():
+    # waiting there enqueues no NCCL work, so NCCL's watchdog (--dist_timeout) cannot fire.
+    disk_wait_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +97,9 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> DistE
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if use_cuda else None,
     )
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    disk_wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=DISK_WAIT_TIMEOUT_S))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   disk_wait_group=disk_wait_group)
 
 
 def cuda_index(local_rank: int) -> int:
@@ -124,9 +132,13 @@ def finish_distributed(env: DistEnv) -> None:
 
 
 def barrier(env: DistEnv) -> None:
-    """Wait until every rank reaches this line (no-op single process)."""
+    """Wait until every rank reaches this line (no-op single process). minialign's barriers all wait
+    for rank 0 to finish writing files, so they wait on the gloo group of init_distributed, whose
+    timeout is DISK_WAIT_TIMEOUT_S, not --dist_timeout: a slow disk is not a dead rank."""
     if env.world_size > 1:
-        if env.device.type == "cuda":
+        if env.disk_wait_group is not None:
+            dist.barrier(group=env.disk_wait_group)
+        elif env.device.type == "cuda":
             dist.barrier(device_ids=[env.device.index])
         else:
             dist.barrier()

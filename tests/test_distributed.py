@@ -146,11 +146,13 @@ def run_rank(out_dir: str, scenario: str) -> None:
 
 
 def run_finishing_rank(out_dir: str) -> None:
-    """Rank 0 is still writing (sleeps 2 s) when rank 1 reaches the end of the run: rank 1 must not
-    leave the process group before rank 0 arrives. Each rank records when it arrived and left."""
-    env = init_distributed(timeout_s=60, device="cpu")
+    """Rank 0 is still writing (sleeps 8 s) when rank 1 reaches the end of the run: rank 1 must not
+    leave the process group before rank 0 arrives. Each rank records when it arrived and left. The
+    write outlasts the 5 s collective timeout: a wait for the disk must not time out like a dead rank."""
+    env = init_distributed(timeout_s=5, device="cpu")
+    all_reduce_sums({"x": 1.0}, env)  # both ranks are up: only rank 0's write stands between them
     if env.rank == 0:
-        time.sleep(2.0)
+        time.sleep(8.0)
     arrived = time.time()
     finish_distributed(env)
     torch.save({"arrived": arrived, "left": time.time()}, Path(out_dir) / f"finish{env.rank}.pt")
@@ -356,11 +358,12 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
 def test_ranks_leave_together_once_rank_0_has_written(tmp_path):
     """finish_distributed, the scripts' last call: rank 1, done first, waits for rank 0 (still saving)
     before leaving the group, so no rank tears its group down under another (which can abort under
-    gloo and make torchrun kill the rank that was saving)."""
+    gloo and make torchrun kill the rank that was saving); and rank 0's write may take longer than
+    --dist_timeout (before: rank 1's barrier timed out after 5 s)."""
     codes, outputs = finish(launch("finish_waits", tmp_path), timeout=120)
     assert codes == [0, 0], outputs
     rank0, rank1 = (torch.load(tmp_path / f"finish{r}.pt") for r in range(WORLD))
-    assert rank0["arrived"] - rank1["arrived"] > 1.0  # rank 1 did arrive first
+    assert rank0["arrived"] - rank1["arrived"] > 5.0  # rank 1 did arrive first, and waited past the timeout
     assert rank1["left"] >= rank0["arrived"]  # and left only once rank 0 was there
 
 
