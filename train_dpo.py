@@ -38,11 +38,17 @@ from minialign.run_folder import RunFolder
 from minialign.train import describe_setup, train
 
 
+DPO_BETA = 0.1  # Rafailov et al. 2023 use 0.1 (0.5 for some tasks)
+SIMPO_BETA = 2.0  # Meng et al. 2024: beta 2.0-2.5 in their recipes (2.0 in their trainer's defaults)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     add_training_args(p)
     g = p.add_argument_group("DPO")
-    g.add_argument("--beta", type=positive_float, default=0.1, help="strength of the implicit KL penalty towards the reference")
+    g.add_argument("--beta", type=positive_float, default=None,
+                   help=f"strength of the implicit KL penalty towards the reference (default {DPO_BETA}; "
+                        f"SimPO: the reward scale, default {SIMPO_BETA})")
     g.add_argument("--loss_type", default="sigmoid", choices=LOSS_TYPES, help="sigmoid (DPO), ipo, hinge, robust, or simpo")
     g.add_argument("--label_smoothing", type=float_range(0.0, 0.5), default=0.0,
                    help="assumed rate of flipped labels (sigmoid: cDPO; robust: rDPO, below 0.5)")
@@ -54,6 +60,8 @@ def parse_args(argv=None):
     g.add_argument("--ref_cache_dir", default=None, help="where cached reference log-probs live (default: OUTPUT/ref_cache)")
     p.set_defaults(lr=5e-7, output="runs/dpo")
     args = p.parse_args(argv)
+    if args.beta is None:  # SimPO's beta scales a per-token mean, not a KL: its paper uses 2-10
+        args.beta = SIMPO_BETA if args.loss_type == "simpo" else DPO_BETA
     check_training_args(p, args)
     if args.loss_type == "robust" and args.label_smoothing >= 0.5:
         p.error("--label_smoothing must be below 0.5 for --loss_type robust (it divides by 1 - 2 * label_smoothing)")

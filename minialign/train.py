@@ -57,7 +57,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_batch_size: int | None = None
     group_by_length: bool = False
-    prefix_sharing: bool = False  # one row [prompt | chosen | rejected] per pair (packing.py)
+    prefix_sharing: bool = True  # one row [prompt | chosen | rejected] per pair (packing.py); the CLI's default too
     pad_to_multiple_of: int | None = None
     dtype: str = "fp32"  # "bf16": autocast, fp32 master weights
     seed: int = 0

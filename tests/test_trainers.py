@@ -228,3 +228,13 @@ def test_prefix_sharing_trains_exactly_like_two_rows(tiny_world, tmp_path, scrip
     for a, b in zip(records(tmp_path / "packed"), records(tmp_path / "rows"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert_same_weights(weights(tmp_path / "packed"), weights(tmp_path / "rows"), atol=1e-5)
+
+
+def test_beta_default_is_each_losss_own():
+    """SimPO's beta scales a per-token mean log-prob (Meng et al. 2024 use 2-10; 2.0 in their trainer),
+    DPO's weighs a KL (Rafailov et al. 2023: 0.1): one default for both would make SimPO ~20x too weak."""
+    import train_dpo
+
+    assert train_dpo.parse_args([]).beta == 0.1
+    assert train_dpo.parse_args(["--loss_type", "simpo"]).beta == 2.0
+    assert train_dpo.parse_args(["--loss_type", "simpo", "--beta", "0.5"]).beta == 0.5
