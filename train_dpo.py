@@ -29,7 +29,7 @@ from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
 from minialign.run_folder import RunFolder
-from minialign.train import describe_setup, train
+from minialign.train import describe_setup, step_plan, train
 
 
 def parse_args(argv=None):
@@ -78,9 +78,19 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items):
     settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
                 "truncation": args.truncation,
                 **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
+    # Only the training pairs that the run's steps take (all of them unless --max_steps stops early);
+    # the final evaluation takes every held-out pair.
+    used = step_plan(train_items, train_config(args, dtype, {}), env).pairs_used()
+    if len(used) < len(train_items):
+        print0(env, f"reference log-probs for train: the run's steps use {len(used)} of {len(train_items)} pairs; "
+                    f"computing those")
     tables = {name: reference_table(ref_model, ref_dir, tokenizer, items, name, args.eval_batch_size or args.batch_size,
                                     dtype, settings, cache_dir, env, packed=args.prefix_sharing)
-              for name, items in (("train", train_items), ("eval", eval_items))}
+              for name, items in (("train", [train_items[i] for i in used]), ("eval", eval_items))}
+    if tables["train"] is not None and len(used) < len(train_items):  # back to the split's indices
+        full = torch.full((len(train_items), 2), float("nan"))  # (N, 2): a pair no step takes is never read
+        full[used] = tables["train"]
+        tables["train"] = full
     return precomputed_reference(tables)  # the reference model is no longer referenced: its memory is freed
 
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.collate import tokenize_pairs
+from minialign.collate import collate_pairs, tokenize_pairs
+from minialign.distributed import DistEnv
+from minialign.dpo import concatenated_logps
 from minialign.data import load_preferences
 from minialign.evaluation import implicit_rewards, map_batches
 from minialign.reward import conversation_ids, score_responses
@@ -308,6 +310,36 @@ def test_implicit_reward_is_zero_when_policy_is_reference(world):
     chosen, rejected, _, _ = implicit_rewards(model, model, items, beta=0.1, batch_size=5,
                                               pad_token_id=tok.pad_token_id)
     assert chosen == [0.0] * 16 and rejected == [0.0] * 16
+
+
+def test_implicit_rewards_packed_equal_two_rows(world):
+    """implicit_rewards scores one packed row per pair; the two-row layout (dpo.concatenated_logps on
+    collate_pairs' [2B, T] batch, all 16 pairs at once) gives the same log-probs within 1e-5."""
+    tok = world["tok"]
+    policy, ref = (load_model(world["root"] / name).eval() for name in ("policy", "base"))
+    items, _ = tokenize_pairs(tok, load_preferences(world["data"])[0])
+    chosen, rejected, pol_lp, _ = implicit_rewards(policy, ref, items, beta=0.5, batch_size=5,
+                                                   pad_token_id=tok.pad_token_id)
+    batch = collate_pairs(items, tok.pad_token_id)
+    with torch.no_grad():
+        pc, pr = concatenated_logps(policy, batch)[0].double().chunk(2)
+        rc, rr = concatenated_logps(ref, batch)[0].double().chunk(2)
+    assert [c for c, _ in pol_lp] == pytest.approx(pc.tolist(), abs=1e-5, rel=0)
+    assert chosen == pytest.approx((0.5 * (pc - rc)).tolist(), abs=1e-5, rel=0)
+    assert rejected == pytest.approx((0.5 * (pr - rr)).tolist(), abs=1e-5, rel=0)
+
+
+def test_length_grouped_batches_come_back_in_item_order():
+    """map_batches with lengths: batches cut from the items sorted by length (ties in item order),
+    results in item order. Lengths 5 1 4 1 9 2 7 sort to items 1 3 5 | 2 0 6 | 4."""
+    seen = []
+
+    def fn(idx):
+        seen.append(list(idx))
+        return [10 * i for i in idx]
+
+    out = map_batches(fn, 7, 3, DistEnv(0, 1, 0, torch.device("cpu")), "test", "items", lengths=[5, 1, 4, 1, 9, 2, 7])
+    assert seen == [[1, 3, 5], [2, 0, 6], [4]] and out == [0, 10, 20, 30, 40, 50, 60]
 
 
 def test_curves(world, tmp_path):
