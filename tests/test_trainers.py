@@ -238,7 +238,7 @@ def test_pairs_used_are_the_pairs_the_steps_take(max_steps):
     steps take (micro_batches, step by step): 10 pairs, global batch 4, 2 steps per epoch, 1 to 4 epochs."""
     from minialign.train import StepPlan
 
-    cfg = TrainConfig(batch_size=4, max_steps=max_steps, seed=3)
+    cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=max_steps, seed=3)
     plan = StepPlan(10, cfg, DistEnv(0, 1, 0, torch.device("cpu")), lengths=[i % 4 for i in range(10)])
     taken = {i for step in range(max_steps) for mb in plan.micro_batches(step) for i in mb}
     assert plan.pairs_used() == sorted(taken)
