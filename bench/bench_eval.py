@@ -20,8 +20,9 @@ pairs/s = pairs / wall time of the round. The rewards of eval and eval_old are c
 absolute difference; the same tokens, so rounding only).
 
 Decoding. Greedy answers to the first B distinct HH prompts (chat template and generation prompt,
-their last --prompt_tokens tokens, left padded), --new_tokens each, EOS suppressed on both sides
-(minialign: no EOS id; transformers: min_new_tokens) so that every row runs the full length;
+their last --prompt_tokens tokens, left padded), --new_tokens each; no row stops early (minialign:
+no stop id; transformers: a stop id greedy decoding never picks here), so every row runs the full
+length and both compute the same tokens (an end of turn is one more token; no logit is masked);
 tokens/s = generated tokens / wall time of the call, prefill included. At batch 16 a third column,
 minialign with the KV cache repeated per query head (model.attend in place of attend_folded, the
 decoding before issue #27 item 7). Greedy tokens are compared with minialign's, token for token
@@ -149,6 +150,11 @@ def decoding_section(args, report: Report):
     ours = load_model(SMOLLM2).eval()
     theirs = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32, attn_implementation="sdpa").eval()
     pad = tokenizer.pad_token_id
+    # Neither side may stop early, and neither may change a logit: minialign gets no stop id, and
+    # transformers a stop id that greedy decoding never picks here (the vocabulary's last id; a
+    # row that picked it would stop, and show in same_greedy_tokens). min_new_tokens would instead
+    # forbid <|im_end|>, which the real model does choose, and the two would decode other tokens.
+    never_chosen = theirs.config.vocab_size - 1
     for B in args.decode_batches:
         prompts = [p[-args.prompt_tokens:] for p in encode_prompts(tokenizer, prompts_view(pairs)[:B])]
         padded = collate_prompts(prompts, pad)
@@ -167,8 +173,8 @@ def decoding_section(args, report: Report):
         @torch.no_grad()
         def transformers_generate():
             out = theirs.generate(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                                  num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_ids[0])
+                                  max_new_tokens=args.new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                                  eos_token_id=never_chosen)
             return out[:, padded["input_ids"].shape[1]:].tolist()
 
         configs = {"minialign": minialign_now, "transformers": transformers_generate}
