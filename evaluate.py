@@ -25,8 +25,15 @@ The reward model may have a tokenizer of its own: it re-renders each conversatio
 its own chat template.
 
 Prompts longer than --max_prompt_length keep their last tokens for generation, as in training.
-Scoring cuts a conversation longer than --max_length at the start of its prompt, never at the end
-of the answer, where the reward is read.
+Scoring truncates as training does (collate.py): a prompt keeps its last --max_prompt_length tokens
+(rm: by default half of --max_length, train_rm.py's default) and then loses more of its start if
+prompt + answer exceed --max_length, never the end of the answer, where the reward is read; rm and
+implicit drop (and report) a pair whose longer answer alone fills --max_length, as training does.
+
+Scoring runs at training's layout and speed: rm and implicit put each pair in one packed row
+[prompt | better | worse] (minialign.packing: the prompt computed once), and every scoring and
+log-prob pass (rm, implicit, dpo's rewards and KL) groups its rows by length into batches of
+--batch_size (evaluation.map_batches); the results come back in file order.
 
 With no model and no data flag at all, a command evaluates the demo world (minialign.demo; the
 reward model and policy that train_rm.py / train_dpo.py write to runs/rm/model, runs/dpo/model)
@@ -61,7 +68,8 @@ from minialign.length_control import length_control_summary
 from minialign.report import dpo_report
 from minialign.plots import dpo_eval_figure, plot_training_curves, rm_eval_figure
 from minialign.policy_vs_base import SharedCache, Sampling, answers_of_both, prompt_ids_kept_end
-from minialign.reward import score_responses
+from minialign.packing import packed_length
+from minialign.reward import score_ids, conversation_ids, score_pairs
 from minialign.hub import resolve_model_path
 from minialign.tokenizer import CHAT_FORMAT_CHOICES
 
@@ -178,22 +186,29 @@ def run_rm(args, env):
     tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
     check_tokenizer_fits(config, tokenizer, args.reward_model)
     out = output_folder(args.output or "runs/eval/rm", env)
-    pairs, report = load_data(args, env)
+    pairs, report = load_preferences(args.data, args.data_format)
     if args.num_pairs and args.num_pairs < len(pairs):  # a seeded random subset, kept in file order
         keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), args.num_pairs, replace=False))
         pairs = [pairs[i] for i in keep]
+    # Training's tokenization and truncation policy (collate.py), its prompt budget included: a pair
+    # training would drop is dropped and counted here the same way, in the load report.
+    budget = args.max_prompt_length or args.max_length // 2
+    if budget >= args.max_length:
+        raise UserError(f"--max_prompt_length {budget} must be below --max_length {args.max_length}")
+    items, stats = tokenize_pairs(tokenizer, pairs, max_length=args.max_length, max_prompt_length=budget,
+                                  truncation="keep_end", report=report)
+    print0(env, f"{report.summary()}\n{stats.summary()}")
+    if not items:
+        raise UserError(f"no pair of {args.data} fits --max_length {args.max_length}: {stats.summary()}")
+    kept = {it.line for it in items}  # a pair's line is unique in its file
+    pairs = [p for p in pairs if p.line in kept]
 
     model = load_slot(args.reward_model, "--reward_model", args, env)
-    prompts = [p.prompt for p in pairs]
-
-    def scorer(answers):
-        return lambda idx: score_responses(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
-                                           batch_size=len(idx), max_length=args.max_length)
-
-    better = map_batches(scorer([p.chosen for p in pairs]), len(pairs), args.batch_size, env,
-                         "scoring the better answers", "pairs")
-    worse = map_batches(scorer([p.rejected for p in pairs]), len(pairs), args.batch_size, env,
-                        "scoring the worse answers", "pairs")
+    # One packed row per pair, the prompt computed once, in length-grouped batches (training's layout).
+    rewards = map_batches(lambda idx: score_pairs(model, [items[i] for i in idx], tokenizer.pad_token_id),
+                          len(items), args.batch_size, env, "scoring pairs", "pairs",
+                          lengths=[packed_length(it) for it in items])
+    better, worse = (list(column) for column in zip(*rewards))
     if not env.is_main:
         return None
     # Length = tokens of the response alone (the reward model's tokenizer), not of the conversation.
@@ -203,8 +218,8 @@ def run_rm(args, env):
     summary = reward_model_summary(better, better_len, worse, worse_len, args.n_resamples, args.seed)
     summary["length_bias"]["length_unit"] = "tokens of the response (reward-model tokenizer)"
     summary.update(reward_model=args.reward_model, data=args.data, n_resamples=args.n_resamples, seed=args.seed,
-                   max_length=args.max_length, data_read=report.read, data_kept=report.kept,
-                   data_skipped=report.skipped)
+                   max_length=args.max_length, max_prompt_length=budget, data_read=report.read,
+                   data_kept=report.kept, data_skipped=report.skipped, prompts_truncated=stats.prompt_truncated)
     write_json(out / "summary.json", summary)
     write_json(out / "pairs.json", [
         {"line": p.line, "prompt": p.prompt, "better": p.chosen, "worse": p.rejected,
@@ -259,25 +274,27 @@ def print_dpo_summary(summary: dict, reward_model: str, kl: bool, n_cut: int) ->
 
 def rewards_of_both(asked, both, rm_tokenizer, cache, args, env) -> tuple[list[float], list[float]]:
     """The reward model's score of every base and policy answer (the base's read from
-    --generation_cache when its answers and the reward model are the ones it was stored with)."""
+    --generation_cache when its answers and the reward model are the ones it was stored with).
+    Each model's answers go through the reward model one conversation per row, in length-grouped
+    batches (a model's rewards so depend on its own answers only, as the cache needs); each
+    conversation is cut as training cuts it (reward.conversation_ids, --max_prompt_length the budget)."""
     rm = load_slot(args.reward_model, "--reward_model", args, env)
 
-    def scorer(answers):
-        return lambda idx: score_responses(rm, rm_tokenizer, [asked[i] for i in idx], [answers[i] for i in idx],
-                                           batch_size=len(idx), max_length=args.max_length)
+    def scored(texts, what):
+        seqs = [conversation_ids(rm_tokenizer, prompt, text, args.max_length, args.max_prompt_length)
+                for prompt, text in zip(asked, texts, strict=True)]
+        return map_batches(lambda idx: score_ids(rm, [seqs[i] for i in idx], rm_tokenizer.pad_token_id), len(seqs),
+                           args.batch_size, env, f"scoring {what}", "answers", lengths=[len(q) for q in seqs])
 
     settings = None if both.base_key is None else {  # the base's answers, and what scores them
         "answers": both.base_key, "reward_model_files": folder_fingerprint(args.reward_model),
-        "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype,
-        "device": env.device.type, "chat_format": args.chat_format}
+        "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
+        "dtype": args.dtype, "device": env.device.type, "chat_format": args.chat_format, "layout": "length-grouped"}
     key, base_r = cache.get("base_rewards", settings)
     if base_r is None:
-        base_r = map_batches(scorer(both.base.texts), len(asked), args.batch_size, env, "scoring base answers",
-                             "answers")
+        base_r = scored(both.base.texts, "base answers")
         cache.put("base_rewards", key, settings, base_r)
-    policy_r = map_batches(scorer(both.policy.texts), len(asked), args.batch_size, env, "scoring policy answers",
-                           "answers")
-    return base_r, policy_r
+    return base_r, scored(both.policy.texts, "policy answers")
 
 
 def generation_rows(prompts, cut, length_diff, both, base_r, policy_r, k: int) -> list[dict]:
@@ -402,7 +419,8 @@ def run_implicit(args, env):
     def rewards(idx):  # (chosen reward, rejected reward, policy log-probs, ref log-probs) per pair
         return zip(*implicit_rewards(policy, ref, [items[i] for i in idx], args.beta, len(idx), tokenizer.pad_token_id))
 
-    results = map_batches(rewards, len(items), args.batch_size, env, "implicit rewards", "pairs")
+    results = map_batches(rewards, len(items), args.batch_size, env, "implicit rewards", "pairs",
+                          lengths=[packed_length(it) for it in items])  # length-grouped, as in training
     if not env.is_main:
         return None
     chosen, rejected, pol_lp, ref_lp = (list(column) for column in zip(*results))
@@ -499,6 +517,9 @@ def parse_args(argv=None):
                 "*ForSequenceClassification checkpoint, as train_rm.py writes).", run_rm)
     p.add_argument("--reward_model", help=f"reward-model checkpoint folder (with no --data either: {DEMO_RM})")
     p.add_argument("--num_pairs", type=positive_int, default=None, help="evaluate a seeded random subset of this many pairs")
+    p.add_argument("--max_prompt_length", type=positive_int, default=None,
+                   help="prompt budget, as train_rm.py's: longer prompts keep their last tokens (default: half of "
+                        "--max_length, train_rm.py's default); pairs that do not fit are dropped as in training")
     add_common(p, seed_help="seeds the --num_pairs subset and the bootstrap")
 
     p = command("dpo", "policy vs base: generate, score with the reward model, compare",

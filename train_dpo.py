@@ -35,7 +35,7 @@ from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
 from minialign.run_folder import RunFolder
-from minialign.train import describe_setup, train
+from minialign.train import describe_setup, step_plan, train
 
 
 DPO_BETA = 0.1  # Rafailov et al. 2023 use 0.1 (0.5 for some tasks)
@@ -85,15 +85,7 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy=
         ref_model = load_reference_model(args, env, dtype, tokenizer, ref_dir)
         if not args.precompute_ref:
             return freeing_root_after(live_reference(ref_model), ref_model) if args.fsdp else live_reference(ref_model)
-    cache_dir = args.ref_cache_dir or Path(args.output) / "ref_cache"
-    settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
-                "truncation": args.truncation,
-                **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
-    digest = weights_digest(ref_dir, env)  # rank 0 reads the weights once, for both splits' keys
-    with adapters_disabled(ref_model):  # LoRA: the base model; a model without adapters is left as it is
-        tables = {name: reference_table(ref_model, digest, tokenizer, items, name, args.eval_batch_size or args.batch_size,
-                                        dtype, settings, cache_dir, env, packed=args.prefix_sharing)
-                  for name, items in (("train", train_items), ("eval", eval_items))}
+    tables = reference_tables(args, env, dtype, tokenizer, ref_model, ref_dir, train_items, eval_items)
     if ref_model is not policy:  # a separate reference model: give its memory back for training
         release(ref_model)
         del ref_model
@@ -101,6 +93,30 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy=
         # now, rather than whenever it next happens to run.
         gc.collect()
     return precomputed_reference(tables, env.device)
+
+
+def reference_tables(args, env, dtype, tokenizer, ref_model, ref_dir, train_items, eval_items) -> dict:
+    """--precompute_ref: the reference's log-probs, {split: (N, 2) [chosen, rejected]}, cached in
+    OUTPUT/ref_cache. Only the training pairs that the run's steps take (all of them unless
+    --max_steps stops early); the final evaluation takes every held-out pair."""
+    cache_dir = args.ref_cache_dir or Path(args.output) / "ref_cache"
+    settings = {"max_length": args.max_length, "max_prompt_length": data_config(args).prompt_budget,
+                "truncation": args.truncation,
+                **({"fsdp": True} if args.fsdp and dtype == "bf16" else {})}  # bf16 residual stream: other numbers
+    used = step_plan(train_items, train_config(args, dtype, {}), env).pairs_used()
+    if len(used) < len(train_items):
+        print0(env, f"reference log-probs for train: the run's steps use {len(used)} of {len(train_items)} pairs; "
+                    f"computing those")
+    digest = weights_digest(ref_dir, env)  # rank 0 reads the weights once, for both splits' keys
+    with adapters_disabled(ref_model):  # LoRA: the base model; a model without adapters is left as it is
+        tables = {name: reference_table(ref_model, digest, tokenizer, items, name, args.eval_batch_size or args.batch_size,
+                                        dtype, settings, cache_dir, env, packed=args.prefix_sharing)
+                  for name, items in (("train", [train_items[i] for i in used]), ("eval", eval_items))}
+    if tables["train"] is not None and len(used) < len(train_items):  # back to the split's indices
+        full = torch.full((len(train_items), 2), float("nan"))  # (N, 2): a pair no step takes is never read
+        full[used] = tables["train"]
+        tables["train"] = full
+    return tables
 
 
 def load_reference_model(args, env, dtype, tokenizer, ref_dir):

@@ -34,6 +34,7 @@ DEEP=(--only qwen0.5b:1024 --rounds 2)
 GENERATE=(--shapes qwen0.5b-4l)
 PROFILE_RM=(--kind rm --shape qwen0.5b --seq 1024)
 PROFILE_DPO=(--kind dpo --data hh --rows 30)
+EVAL=()
 if [[ ${1:-} == --smoke ]]; then
     FIXED=(--quick --workloads fixed)
     REALISTIC=(--quick --workloads realistic --references trl)
@@ -42,6 +43,7 @@ if [[ ${1:-} == --smoke ]]; then
     GENERATE=(--quick)
     PROFILE_RM=(--kind rm --shape small --seq 256)
     PROFILE_DPO=(--kind dpo --data hh --shape small --rows 10)
+    EVAL=(--quick)
 fi
 
 # run NAME COMMAND...: the command's stdout and stderr into $LOGS/NAME.log (and on the terminal);
@@ -93,5 +95,10 @@ run 5_generate "$REFPYTHON" bench/bench_generate.py "${GENERATE[@]}"
 run 6_profile_rm_24_layers "$PYTHON" bench/profile_step.py "${PROFILE_RM[@]}"
 run 6_profile_dpo_hh_packed "$PYTHON" bench/profile_step.py "${PROFILE_DPO[@]}" --layout packed
 run 6_profile_dpo_hh_unpacked "$PYTHON" bench/profile_step.py "${PROFILE_DPO[@]}" --layout unpacked
+
+# 7. Evaluation at training speed, on the real SmolLM2-135M-Instruct (its folder must exist):
+#    evaluate.py rm's scoring vs train_rm.py's step, decoding vs generate at batch 8/16/32, one
+#    thread: ~25 min on 2026-12-06's loaded machine.
+run 7_eval "$REFPYTHON" bench/bench_eval.py "${EVAL[@]}"
 
 echo "logs in $LOGS" | tee -a "$LOGS/run_all.log"

@@ -34,7 +34,9 @@ not start with the prompt's tokens (a BPE merge across the seam), the pair is sk
 not_prefix, with the template's name in the message.
 
 Truncation policy (`max_prompt_length`, `max_length`, `truncation`), the same for the reward
-model, DPO and the reward model's scoring at evaluation (reward.conversation_ids):
+model, DPO and scoring at evaluation: `evaluate.py rm` and `implicit` tokenize their pairs here,
+with training's prompt budget, so they keep, cut and drop exactly what training does, and
+reward.conversation_ids cuts a single (generated) answer's conversation by the same rules:
   * an answer is never cut: it always ends with its end-of-turn token, so a reward is always
     read at that token and DPO always learns where an answer stops;
   * a prompt longer than max_prompt_length keeps its last max_prompt_length tokens (the most

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .collate import collate_pairs
-from .dpo import concatenated_logps
+from .collate import to_device
+from .dpo import answer_logps
 from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
+from .packing import collate
 from .progress import Progress
 
 N_RESAMPLES = 1000      # bootstrap resamples: the 2.5% quantile then rests on ~25 values, stable to ~0.5 pt
@@ -261,17 +262,19 @@ def implicit_rewards(policy, ref_model, items, beta: float, batch_size: int, pad
     """DPO's implicit reward r(x, y) = beta * (log pi(y|x) - log ref(y|x)) (Rafailov et al. 2023,
     eq. 5, up to beta * log Z(x), which cancels between chosen and rejected) of every pair.
 
-    items: TokenizedPairs (minialign.collate.tokenize_pairs). Returns four lists of floats:
-    chosen rewards, rejected rewards, policy log-probs [(chosen, rejected)], ref log-probs.
+    items: TokenizedPairs (minialign.collate.tokenize_pairs), batch_size pairs per forward in
+    training's layout: one packed row per pair, the prompt computed once (packing.py; two rows per
+    pair when a prompt is empty). Returns four lists of floats: chosen rewards, rejected rewards,
+    policy log-probs [(chosen, rejected)], ref log-probs.
     """
     device = next(policy.parameters()).device
     chosen, rejected, pol_lp, ref_lp = [], [], [], []
     with torch.no_grad():  # evaluation only: no graph, half the memory
         for start in range(0, len(items), batch_size):
-            batch = collate_pairs(items[start:start + batch_size], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            pc, pr = concatenated_logps(policy, batch)[0].double().chunk(2)   # (B,) each, summed log-probs
-            rc, rr = concatenated_logps(ref_model, batch)[0].double().chunk(2)
+            chunk = items[start:start + batch_size]
+            batch = to_device(collate(chunk, pad_token_id, packed=all(it.prompt_ids for it in chunk)), device)
+            pc, pr = (t.double() for t in answer_logps(policy, batch)[:2])   # (B,) each, summed log-probs
+            rc, rr = (t.double() for t in answer_logps(ref_model, batch)[:2])
             chosen += (beta * (pc - rc)).tolist()
             rejected += (beta * (pr - rr)).tolist()
             pol_lp += list(zip(pc.tolist(), pr.tolist()))
@@ -359,31 +362,52 @@ def batch_ranges(n_items: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n_items)) for start in range(0, n_items, batch_size)]
 
 
-def map_batches(fn, n_items: int, batch_size: int, env, label: str, unit: str) -> list:
+def length_order(lengths) -> list[int]:
+    """Item indices sorted by length, shortest first; equal lengths keep their item order (a stable
+    sort, so the batches depend on the lengths alone, the same on every rank)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def map_batches(fn, n_items: int, batch_size: int, env, label: str, unit: str, lengths=None) -> list:
     """fn over the batches of items 0 .. n-1, shared among the ranks; every rank gets every item's
     result back, in item order.
 
-    fn(indices: range) -> one result per index (picklable: texts, numbers, id lists).
+    fn(indices) -> one result per index (picklable: texts, numbers, id lists). indices is a range of
+    consecutive items; with lengths ((n,) tokens per item) it is a list instead: the items are
+    sorted by length first (length_order) and cut into batches in that order, so the rows padded
+    together have similar lengths, as in training's length-grouped batches (the padding of a
+    batch is then a few tokens, not the spread of the whole data set). The results still come back
+    in item order.
     Batch b runs on rank b % world_size, and holds exactly the items it holds in one process: the
     same rows padded together, so every computed number (and every sampled token, generation being
     seeded per prompt) is the same whatever the number of ranks. The results travel to all ranks
     with all_gather_object (small lists; the work, not the gathering, is what takes time).
     env: a minialign.distributed.DistEnv. Progress lines (rank 0) count rank 0's share."""
-    mine = batch_ranges(n_items, batch_size)[env.rank::env.world_size]
-    share = sum(len(batch) for batch in mine)
+    if lengths is None:
+        batches = batch_ranges(n_items, batch_size)
+    else:
+        if len(lengths) != n_items:
+            raise ValueError(f"map_batches: {len(lengths)} lengths for {n_items} items")
+        order = length_order(lengths)
+        batches = [order[r.start:r.stop] for r in batch_ranges(n_items, batch_size)]
+    mine = list(enumerate(batches))[env.rank::env.world_size]
+    share = sum(len(batch) for _, batch in mine)
     if env.world_size > 1:
         label = f"{label} (rank 0's share, {env.world_size} ranks)"
     progress = Progress(label, share, unit, enabled=env.is_main)
     results = []
-    for batch in mine:
+    for b, batch in mine:
         out = list(fn(batch))
         if len(out) != len(batch):
             raise RuntimeError(f"map_batches: {label} returned {len(out)} results for {len(batch)} items")
-        results.append((batch.start, out))
+        results.append((b, out))
         progress.advance(len(batch))
     if env.world_size > 1:
         everyone = [None] * env.world_size
         dist.all_gather_object(everyone, results)
         results = [r for rank_results in everyone for r in rank_results]
-    results.sort(key=lambda r: r[0])  # batch starts: item order
-    return [item for _, out in results for item in out]
+    by_item = [None] * n_items
+    for b, out in results:
+        for i, item in zip(batches[b], out):
+            by_item[i] = item
+    return by_item

@@ -135,6 +135,29 @@ def attend(q, k, v, mask):
     )
 
 
+def attend_folded(q, k, v, mask):
+    """attend() for decoding from a KV cache, without repeating the cache's keys and values.
+
+    q (B, H, Tq, D); k and v (B, K, S, D), the whole cache so far; mask (B, 1, Tq, S) bool. With
+    G = H / K query heads per key/value head, query head h = k * G + g reads key/value head k (the
+    repeat_interleave convention of attend and of Hugging Face's repeat_kv). So the G heads of a
+    group are folded into the query axis: q viewed as (B, K, G * Tq, D), the mask expanded to
+    (B, 1, G * Tq, S), and one plain attention per key/value head. Exact: every query row still
+    takes its softmax over the same keys with the same mask; only the copy is gone. Repeating
+    instead writes the whole cache H / K times per layer per token (13 GB per token at 7B, B 32,
+    S 1024), and SDPA's enable_gqa does the same on its math path. Returns (B, H, Tq, D).
+    """
+    B, H, Tq, D = q.shape
+    K = k.shape[1]
+    G = H // K
+    if G == 1 or mask is None:  # nothing to fold, or plain causal attention (prefill without padding)
+        return attend(q, k, v, mask)
+    q = q.reshape(B, K, G * Tq, D)  # (B, H, Tq, D) -> (B, K, G*Tq, D): head k*G+g, query t at row g*Tq+t
+    mask = mask.expand(B, G, Tq, mask.shape[-1]).reshape(B, 1, G * Tq, mask.shape[-1])  # the same rows per head
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, K, G*Tq, D)
+    return y.reshape(B, H, Tq, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -170,9 +193,11 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C)."""
         q = self.queries(x, cos, sin)  # (B, H, T, D)
         k, v = self.keys_values(x, cos, sin)  # (B, K, T, D)
-        if kv_cache is not None:
+        if kv_cache is not None:  # decoding: the cache is read in place, never repeated per query head
             k, v = kv_cache.update(layer_index, k, v)  # (B, K, S, D): the past and the new
-        y = attend(q, k, v, mask)  # (B, H, T, D)
+            y = attend_folded(q, k, v, mask)  # (B, H, T, D)
+        else:
+            y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).flatten(2))  # (B, T, H*D) -> (B, T, C)
 
 

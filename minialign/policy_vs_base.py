@@ -62,10 +62,12 @@ def sample_answers(model, tokenizer, prompt_ids, sampling: Sampling, env, label:
 
 def teacher_forced_logps(model, prompt_ids, answers, pad_token_id: int, batch_size: int, env,
                          label: str) -> list[float]:
-    """Summed log-probs of given answers to the prompts under a loaded causal LM (for the KL)."""
+    """Summed log-probs of given answers to the prompts under a loaded causal LM (for the KL), in
+    length-grouped batches (rows of similar prompt + answer length padded together)."""
     return map_batches(lambda idx: answer_logprobs(model, [prompt_ids[i] for i in idx], [answers[i] for i in idx],
                                                    pad_token_id),
-                       len(answers), batch_size, env, label, "answers")
+                       len(answers), batch_size, env, label, "answers",
+                       lengths=[len(p) + len(a) for p, a in zip(prompt_ids, answers, strict=True)])
 
 
 class SharedCache:

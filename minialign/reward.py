@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from .collate import conversation_text, through_last_end_of_turn
+from .collate import conversation_text, through_last_end_of_turn, to_device
 from .losses import bradley_terry_loss
 from .objective import Objective, preference_sums
-from .packing import is_packed, packed_rewards
+from .packing import collate, is_packed, packed_rewards
 
 
 def reward_objective(center_rewards_coef: float = 0.0, margin: float | None = None) -> Objective:
@@ -52,35 +52,70 @@ def summarize_rewards(s: dict) -> dict[str, float]:
     }
 
 
-def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None) -> list[int]:
+def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None,
+                     max_prompt_length: int | None = None) -> list[int]:
     """Token ids of prompt + assistant response, ending at the response's end of turn: the same
     sequence training built (collate.conversation_text).
 
-    Truncation, the trainer's policy: the reward is read at the last token, which must always be
-    the end-of-turn token, so a conversation longer than max_length loses the START of its prompt
-    (the oldest turns, the system prompt first), never the end of the answer. Only an answer that
-    alone is longer than max_length loses its own start too. An answer that stopped without an
-    end-of-turn token (cut at max_new_tokens) gets the template's end-of-turn text like any other."""
-    text, _ = conversation_text(tokenizer, prompt, response)
-    ids = through_last_end_of_turn(tokenizer.encode(text), tokenizer.end_of_turn_ids)
-    return ids[-max_length:] if max_length else ids
+    Truncation, the trainer's policy with the trainer's prompt budget (collate.py; train_rm.py's
+    --max_prompt_length, by default half of --max_length): the reward is read at the last token,
+    which must always be the end-of-turn token, so a prompt keeps its last max_prompt_length tokens
+    (None: no budget), and a conversation still longer than max_length loses more of its prompt's
+    START (the oldest turns, the system prompt first), never the end of the answer. So a pair that
+    training keeps is scored here on exactly the tokens it trained on. Training drops a pair whose
+    answer alone fills max_length (over_length); `evaluate.py rm` drops and reports such pairs
+    the same way (it scores through collate.tokenize_pairs and score_pairs), while a single
+    generated answer that long (`evaluate.py dpo`) is scored on its last max_length tokens. An answer
+    that stopped without an end-of-turn token (cut at max_new_tokens) gets the template's
+    end-of-turn text like any other."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    text, _ = conversation_text(tokenizer, prompt, response, prompt_text)
+    prompt_ids, full = tokenizer.encode_batch([prompt_text, text])
+    ids = through_last_end_of_turn(full, tokenizer.end_of_turn_ids)
+    if not max_length:
+        return ids
+    P = len(prompt_ids) if ids[:len(prompt_ids)] == prompt_ids else 0  # no prefix (a BPE merge): one piece
+    answer = ids[P:]
+    keep = P if max_prompt_length is None else min(P, max_prompt_length)  # the prompt budget
+    keep = max(min(keep, max_length - len(answer)), 0)  # then only what fits beside the answer
+    return (ids[P - keep:P] + answer)[-max_length:]  # the prompt's END, and the answer's end always
 
 
 @torch.no_grad()
-def score_responses(reward_model, tokenizer, prompts, responses, batch_size=16, max_length=None, device=None):
-    """Rewards for (prompt, response) pairs -> list of floats. Batches are right-padded."""
-    device = device or next(reward_model.parameters()).device
+def score_ids(reward_model, seqs: list[list[int]], pad_token_id: int) -> list[float]:
+    """Rewards of B token sequences (conversation_ids) in one right-padded (B, T) batch, each read
+    at its row's last real token."""
+    device = next(reward_model.parameters()).device
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)               # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return reward_model(ids.to(device), mask.to(device)).tolist()
+
+
+@torch.no_grad()
+def score_pairs(reward_model, items, pad_token_id: int) -> list[tuple[float, float]]:
+    """(chosen, rejected) rewards of B tokenized pairs (collate.TokenizedPair) in one forward, in
+    training's layout: one packed row [prompt | chosen | rejected] per pair, the prompt computed
+    once (packing.py; two rows per pair if a prompt is empty, which packing cannot hold). The same
+    numbers as scoring each conversation in its own row, to rounding (tests/test_evaluate_cli.py)."""
+    device = next(reward_model.parameters()).device
+    batch = to_device(collate(items, pad_token_id, packed=all(it.prompt_ids for it in items)), device)
+    chosen, rejected = pair_rewards(reward_model, batch)  # (B,) each
+    return list(zip(chosen.tolist(), rejected.tolist()))
+
+
+@torch.no_grad()
+def score_responses(reward_model, tokenizer, prompts, responses, batch_size=16, max_length=None,
+                    max_prompt_length=None):
+    """Rewards for (prompt, response) pairs -> list of floats, batch_size right-padded rows at a
+    time in the given order (evaluate.py groups its rows by length first)."""
     was_training = reward_model.training
     reward_model.eval()
-    seqs = [conversation_ids(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    seqs = [conversation_ids(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     scores = []
     for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        T = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-        scores += reward_model(ids.to(device), mask.to(device)).tolist()
+        scores += score_ids(reward_model, seqs[start:start + batch_size], tokenizer.pad_token_id)
     reward_model.train(was_training)
     return scores

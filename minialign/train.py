@@ -136,8 +136,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     # Sharded, FSDP's MixedPrecisionPolicy computes in bf16 already: autocast on top would keep a
     # bf16 copy of every gathered weight until backward (fsdp.py).
     precision = autocast_context("fp32" if is_sharded(model) else cfg.dtype, env.device)
-    lengths = [row_length(it, cfg.prefix_sharing) for it in train_items] if cfg.group_by_length else None
-    plan = StepPlan(len(train_items), cfg, env, lengths)
+    plan = step_plan(train_items, cfg, env)
     print0(env, plan.describe(train_items))
     step = resume_if_asked(run, model, optimizer, cfg, plan, env)
     # From here on each record's peak_memory_mb is the peak of its own phase (a step, an eval).
@@ -200,6 +199,20 @@ class StepPlan:
             self._batches = global_batches(self.n, self.global_batch, self.cfg.seed, epoch, self.lengths)
         return rank_micro_batches(self._batches[in_epoch], self.env.rank, self.env.world_size, self.cfg.grad_accum)
 
+    def pairs_used(self) -> list[int]:
+        """Sorted indices of the training pairs that some step of the run takes: every pair of the
+        first epochs the run covers, fewer when --max_steps ends it within an epoch (each epoch
+        drops its n mod G tail, so a run may skip a few pairs even then). What must be precomputed
+        per pair (DPO's reference log-probs) is needed for these alone."""
+        used: set[int] = set()
+        for epoch in range(math.ceil(self.total / self.steps_per_epoch)):
+            steps = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
+            for batch in global_batches(self.n, self.global_batch, self.cfg.seed, epoch, self.lengths)[:steps]:
+                used.update(batch)
+            if len(used) == self.n:
+                break
+        return sorted(used)
+
     def describe(self, items) -> str:
         """One line: pairs, global batch, steps, and the share of batch slots that is padding."""
         first = global_batches(self.n, self.global_batch, self.cfg.seed, 0, self.lengths)
@@ -225,6 +238,12 @@ def pad_multiple(asked: int | None, device) -> int | None:
     """The multiple batches are padded to: --pad_to_multiple_of if given, else 8 on CUDA (a packed
     row's mask would otherwise be padded to it inside SDPA, again in every layer), else none."""
     return asked or (CUDA_PAD_MULTIPLE if torch.device(device).type == "cuda" else None)
+
+
+def step_plan(train_items, cfg: TrainConfig, env: DistEnv) -> StepPlan:
+    """The run's StepPlan over these training pairs (length-grouped when cfg.group_by_length)."""
+    lengths = [row_length(it, cfg.prefix_sharing) for it in train_items] if cfg.group_by_length else None
+    return StepPlan(len(train_items), cfg, env, lengths)
 
 
 def make_batch(items, indices: list[int], pad_id: int, split: str, device, packed: bool = False,

@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.collate import tokenize_pairs
+from minialign.collate import collate_pairs, tokenize_pairs
+from minialign.distributed import DistEnv
+from minialign.dpo import concatenated_logps
 from minialign.data import load_preferences
-from minialign.evaluation import implicit_rewards
+from minialign.evaluation import implicit_rewards, map_batches
+from minialign.reward import conversation_ids, score_responses
 from minialign.config import ModelConfig
 from minialign.model import CausalLM, RewardModel
 
@@ -106,6 +109,47 @@ def test_rm(world):
     lb = summary["length_bias"]
     assert -1 <= lb["reward_length_pearson"] <= 1 and "tokens" in lb["length_unit"]
     assert lb["n_better_longer"] + lb["n_better_shorter"] + lb["n_equal_length"] == 16
+    # Scored one packed row per pair, in length-grouped batches: each reward equals the two-row path
+    # (every conversation its own right-padded row, batches in file order) within 1e-5, in file order.
+    assert [p["line"] for p in pairs] == list(range(1, 17))
+    model = load_model(world["root"] / "rm").eval()
+    for side in ("better", "worse"):
+        two_rows = score_responses(model, world["tok"], [p["prompt"] for p in pairs], [p[side] for p in pairs],
+                                   batch_size=3, max_length=1024, max_prompt_length=512)
+        assert [p[f"{side}_reward"] for p in pairs] == pytest.approx(two_rows, abs=1e-5, rel=0)
+
+
+def test_scoring_truncates_as_training(world):
+    """reward.conversation_ids cuts a conversation exactly as training tokenizes the pair
+    (collate.tokenize_pairs with the same max_length and prompt budget): the prompt budget first,
+    then what fits beside the answer, the answer never; and evaluate.py rm drops and reports a pair
+    that training drops. The prompts here render to 17-20 tokens, the answers to 3-12."""
+    tok = world["tok"]
+    pairs = load_preferences(world["data"])[0]
+    cut = 0
+    for max_length, budget in ((24, 12), (20, 16), (40, 30), (1024, 512)):
+        items, _ = tokenize_pairs(tok, pairs, max_length=max_length, max_prompt_length=budget)
+        for it in items:
+            pair = next(p for p in pairs if p.line == it.line)
+            for answer, ids in ((pair.chosen, it.chosen_ids), (pair.rejected, it.rejected_ids)):
+                got = conversation_ids(tok, pair.prompt, answer, max_length, budget)
+                # Training keeps one prompt cut for both answers (room beside the longer one); alone,
+                # an answer's conversation keeps as much prompt as fits beside it, within the budget.
+                full_prompt = tok.encode(tok.apply_chat_template(pair.prompt, add_generation_prompt=True))
+                keep = min(len(full_prompt), budget, max_length - len(ids))
+                assert got == full_prompt[len(full_prompt) - keep:] + ids
+                if len(ids) == max(len(it.chosen_ids), len(it.rejected_ids)):  # it set training's cut
+                    assert got == it.prompt_ids + ids
+                cut += keep < len(full_prompt)
+    assert cut > 0  # the cases above do cut prompts
+    # A pair whose longer answer alone fills --max_length: training drops it, so does evaluate.py rm.
+    out = world["root"] / "eval_rm_short"
+    stdout = run_cli("rm", "--reward_model", world["root"] / "rm", "--data", world["data"], "--output", out,
+                     "--max_length", 12, "--n_resamples", 20)
+    _, stats = tokenize_pairs(tok, pairs, max_length=12, max_prompt_length=6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < stats.dropped["over_length"] < 16 and summary["n"] == stats.kept
+    assert summary["data_skipped"]["over_length"] == stats.dropped["over_length"] and "over_length" in stdout
 
 
 def test_dpo(world):
@@ -272,6 +316,36 @@ def test_implicit_reward_is_zero_when_policy_is_reference(world):
     assert chosen == [0.0] * 16 and rejected == [0.0] * 16
 
 
+def test_implicit_rewards_packed_equal_two_rows(world):
+    """implicit_rewards scores one packed row per pair; the two-row layout (dpo.concatenated_logps on
+    collate_pairs' [2B, T] batch, all 16 pairs at once) gives the same log-probs within 1e-5."""
+    tok = world["tok"]
+    policy, ref = (load_model(world["root"] / name).eval() for name in ("policy", "base"))
+    items, _ = tokenize_pairs(tok, load_preferences(world["data"])[0])
+    chosen, rejected, pol_lp, _ = implicit_rewards(policy, ref, items, beta=0.5, batch_size=5,
+                                                   pad_token_id=tok.pad_token_id)
+    batch = collate_pairs(items, tok.pad_token_id)
+    with torch.no_grad():
+        pc, pr = concatenated_logps(policy, batch)[0].double().chunk(2)
+        rc, rr = concatenated_logps(ref, batch)[0].double().chunk(2)
+    assert [c for c, _ in pol_lp] == pytest.approx(pc.tolist(), abs=1e-5, rel=0)
+    assert chosen == pytest.approx((0.5 * (pc - rc)).tolist(), abs=1e-5, rel=0)
+    assert rejected == pytest.approx((0.5 * (pr - rr)).tolist(), abs=1e-5, rel=0)
+
+
+def test_length_grouped_batches_come_back_in_item_order():
+    """map_batches with lengths: batches cut from the items sorted by length (ties in item order),
+    results in item order. Lengths 5 1 4 1 9 2 7 sort to items 1 3 5 | 2 0 6 | 4."""
+    seen = []
+
+    def fn(idx):
+        seen.append(list(idx))
+        return [10 * i for i in idx]
+
+    out = map_batches(fn, 7, 3, DistEnv(0, 1, 0, torch.device("cpu")), "test", "items", lengths=[5, 1, 4, 1, 9, 2, 7])
+    assert seen == [[1, 3, 5], [2, 0, 6], [4]] and out == [0, 10, 20, 30, 40, 50, 60]
+
+
 def test_curves(world, tmp_path):
     runs = []
     for name, lr in (("run_a", 1e-5), ("run_b", 3e-5)):
@@ -297,10 +371,13 @@ def test_rm_on_real_hh_rlhf(world):
     summary = json.loads((out / "summary.json").read_text())
     pairs = json.loads((out / "pairs.json").read_text())
     check_png(out / "rm_eval.png")
-    assert summary["n"] == len(pairs) == 12 and summary["data_read"] == 2312
+    # Pairs whose longer answer alone fills --max_length are dropped, as training drops them (the
+    # tiny tokenizer spends many tokens on a long hh-rlhf answer), and reported in summary.json.
+    dropped = summary["data_skipped"].get("over_length", 0)
+    assert summary["n"] == len(pairs) == 12 - dropped > 0 and summary["data_read"] == 2312
     assert summary["accuracy"] == pytest.approx(np.mean([p["correct"] for p in pairs]))
     lines = [p["line"] for p in pairs]
-    assert lines == sorted(lines) and len(set(lines)) == 12  # a subset without repeats, in file order
+    assert lines == sorted(lines) and len(set(lines)) == len(pairs)  # a subset without repeats, in file order
     assert all(p["prompt"][-1]["role"] == "user" for p in pairs)
 
 

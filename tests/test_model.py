@@ -77,6 +77,41 @@ def test_kv_cache_decoding_equals_full_forward(arch, over):
         torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_folds_query_groups_instead_of_repeating_the_cache(monkeypatch):
+    """GQA decoding (4 query heads on 2 key/value heads, one row left-padded) reads the cache in
+    place: every attention call during decoding gets the cache's own (B, K, S, D) tensors, never
+    a (B, H, S, D) repeat, and each step's logits equal those of decoding with the repeated cache
+    (the old path, model.attend: SDPA's enable_gqa on CPU, a repeat on CUDA) within 1e-5."""
+    import minialign.model as model_module
+
+    m = random_model("qwen2")
+    torch.manual_seed(4)
+    ids = torch.randint(3, 101, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :4] = 0
+
+    def decode():
+        cache = KVCache(m.config, 3, 10, "cpu", torch.float32)
+        out = [m(ids[:, :6], mask[:, :6], kv_cache=cache)[:, -1]]
+        out += [m(ids[:, t:t + 1], mask[:, :t + 1], kv_cache=cache)[:, 0] for t in range(6, 10)]
+        return torch.stack(out), cache
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], k.untyped_storage().data_ptr()))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    folded, cache = decode()
+    storages = {t.untyped_storage().data_ptr() for t in cache.k}
+    assert len(seen) == 5 * 2 and all(heads == kv == 2 and ptr in storages for heads, kv, ptr in seen)
+    monkeypatch.setattr(model_module, "attend_folded", model_module.attend)  # the repeat-per-head path
+    repeated, _ = decode()
+    torch.testing.assert_close(folded, repeated, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("reward", [False, True])
 def test_gradient_checkpointing_same_gradients(reward):
     """Recomputing each layer in backward changes memory, not arithmetic: identical gradients."""

@@ -112,6 +112,8 @@ def test_dpo_starts_at_ln2_and_precomputed_reference_equals_live(tiny_world, tmp
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     pre = run("train_dpo.py", tiny_world, tmp_path / "pre", "--max_steps", "5", "--lr", "1e-3", "--precompute_ref")
     assert "computed" in pre.stdout and "reused" not in pre.stdout
+    # Only the 5 steps' 5 x 4 = 20 training pairs are computed, not the whole split (issue #26).
+    assert "the run's steps use 20 of" in pre.stdout and "for train: computed 20 pairs" in pre.stdout
     for a, b in zip(records(tmp_path / "live"), records(tmp_path / "pre")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
@@ -238,3 +240,16 @@ def test_beta_default_is_each_losss_own():
     assert train_dpo.parse_args([]).beta == 0.1
     assert train_dpo.parse_args(["--loss_type", "simpo"]).beta == 2.0
     assert train_dpo.parse_args(["--loss_type", "simpo", "--beta", "0.5"]).beta == 0.5
+
+
+@pytest.mark.parametrize("max_steps", [1, 3, 7])
+def test_pairs_used_are_the_pairs_the_steps_take(max_steps):
+    """StepPlan.pairs_used (what --precompute_ref computes) is the union of the pairs that the run's
+    steps take (micro_batches, step by step): 10 pairs, global batch 4, 2 steps per epoch, 1 to 4 epochs."""
+    from minialign.train import StepPlan
+
+    cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=max_steps, seed=3)
+    plan = StepPlan(10, cfg, DistEnv(0, 1, 0, torch.device("cpu")), lengths=[i % 4 for i in range(10)])
+    taken = {i for step in range(max_steps) for mb in plan.micro_batches(step) for i in mb}
+    assert plan.pairs_used() == sorted(taken)
+    assert len(taken) == 4 if max_steps == 1 else len(taken) > 4
