@@ -4,7 +4,7 @@
 
 What autograd keeps from a layer's forward for its backward, found with saved_tensors_hooks: every
 saved tensor's storage once, minus the parameters and the weight copies autocast makes (those are
-in README's 16 N + 2 M), divided by the tokens. One decoder layer (weights uninitialised: sizes do
+in docs/memory.md's 16 N + 2 M), divided by the tokens. One decoder layer (weights uninitialised: sizes do
 not depend on values) on 1 row of T tokens, causal attention (SDPA's flash kernel, which saves its
 output and one log-sum-exp per query and head, as the CUDA kernels do), in two precisions:
 

@@ -118,7 +118,7 @@ def bytes_part(shape: str, rank: int) -> None:
     c = coeffs["bf16"]
     per_T = c["adapter_w_per_T"] + c["grads_per_T"] + c["adamw_per_T"]
     sizes = Report(f"per GPU, GB, bf16, LoRA r {rank} on {','.join(DEFAULT_TARGETS)}, activations excluded "
-                   "(measured coefficients; full fine-tuning replicated: README Memory per GPU)")
+                   "(measured coefficients; full fine-tuning replicated: docs/memory.md)")
     for name in QWEN25:
         for kind in ("rm", "dpo"):
             q = qwen25_counts(name, reward=kind == "rm")

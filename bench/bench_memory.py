@@ -17,7 +17,7 @@ their storages (untyped_storage().nbytes(), each storage once, a DTensor by its 
 
 Each is divided by the trained model's parameter count N (a tied embedding counted once), so
 16.0 means four fp32 copies of the model. Activations (batch-dependent) are excluded by design.
-Then the measured coefficients are applied to the Qwen2.5 sizes (README, "Memory per GPU").
+Then the measured coefficients are applied to the Qwen2.5 sizes (docs/memory.md).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ Checks, in this order (a check that needs 2 GPUs is skipped on a machine with on
   evaluate.py 2 ranks evaluate.py dpo under torchrun on 2 GPUs: the same summary as on one
   memory 1 rank       a Qwen2.5-0.5B-shaped reward model in bf16, in this process with the reducer on
                       a group of one (as every rank of a data-parallel run holds it): the step's peak
-                      against the README's 16 N + 2 M (no checkpointing, which would recompute, and
+                      against docs/memory.md's 16 N + 2 M (no checkpointing, which would recompute, and
                       so free, the autocast copies the 2 M term counts; 64 tokens of activations)
   memory fsdp 2 ranks the same reward model sharded: its peak against 16 N / 2 + 2 per root parameter
   pytest -m cuda      the tests marked cuda (tests/test_cuda.py, the packed attention kernel test)
@@ -100,12 +100,12 @@ MAX_DIFF = 1e-3
 NOISE_FACTOR = 10  # a resumed run may differ from the uninterrupted one by this many times the run-to-run noise
 LN2_ATOL = 1e-5
 STEPS, KILL_AT = 8, 5  # short runs, checkpoint every 2 steps: killed at step 5, the step-4 checkpoint resumes
-# README, "Memory per GPU": bytes per parameter (weights, gradients, AdamW) and per matmul weight
+# docs/memory.md: bytes per parameter (weights, gradients, AdamW) and per matmul weight
 # (autocast's bf16 copies), measured by bench/bench_memory.py.
 STATE_BYTES, AUTOCAST_BYTES, GATHERED_ROOT_BYTES = 16.0, 2.0, 2.0
 # Measured peak / formula. One rank: 64 tokens of activations are ~1 % of 16 N + 2 M at 0.5B; the
 # allocator rounds each block up by at most 2 MB. Two ranks: layers in flight and the fp32
-# reduce-scatter input (README) are not in 16 N / W + 2 R.
+# reduce-scatter input (docs/memory.md) are not in 16 N / W + 2 R.
 MEMORY_BOUNDS = {1: (0.97, 1.10), 2: (0.9, 1.35)}
 # The speed check's shape (stated in the table): Qwen2.5-0.5B, 4 pairs per micro-step.
 SPEED_SHAPE, SPEED_PAIRS, SPEED_LEN, SPEED_STEPS = "qwen0.5b", 4, 256, 5

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every measurement that the README's "Benchmarks" section reports, in the README's order, one
+# Every measurement that docs/benchmarks.md reports, in its order, one
 # after another, each command's output teed to its own log:
 #
 #     bash bench/run_all.sh                  # 75 min to 3 h on the 2-core CPU box (see below), on an otherwise idle machine
@@ -13,9 +13,9 @@
 # --layouts packed to the two bench_vs_reference.py lines.
 #
 # PYTHON runs minialign alone (torch, safetensors, tokenizers, numpy); REFPYTHON is the separate
-# venv with transformers and TRL (README, Benchmarks), used only where a reference is compared.
+# venv with transformers and TRL (docs/benchmarks.md), used only where a reference is compared.
 # The bench scripts import minialign from this checkout, whichever Python runs them.
-# Durations are for 2 threads on the 2-core x86_64 CPU of the README's runs: the first figure on
+# Durations are for 2 threads on the 2-core x86_64 CPU of the runs in docs/benchmarks.md: the first figure on
 # 2026-11-28's machines (matmul 143-226 GFLOP/s), the second, where given, on 2026-12-01's (42-59).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@
 #         1/2), length-controlled win rate, reward gain, KL from the base, length, stop rate
 #   -> one table (sweep.md, sweep.json), the reward-vs-KL frontier and the win-rate figure
 #
-#   bash experiments/hh_dpo_sweep.sh                 # the README's run: ~1 h 55 min on 2 quiet cores
+#   bash experiments/hh_dpo_sweep.sh                 # the run in experiments/README.md: ~1 h 55 min on 2 quiet cores
 #   SIZE=pilot bash experiments/hh_dpo_sweep.sh      # every stage at tiny sizes, ~10-15 min quiet
 #   MODEL=/work/smollm2 bash experiments/hh_dpo_sweep.sh   # reuse a converted model
 #
@@ -23,7 +23,7 @@
 # against 162 tokens/s alone).
 #
 # ---------------------------------------------------------------------------------------- sizing
-# Measured in the run whose numbers the README reports (2026-12-01, the 2-core CPU, quiet, fp32, 2
+# Measured in the run whose numbers experiments/README.md reports (2026-12-01, the 2-core CPU, quiet, fp32, 2
 # threads; max_length 192, max_prompt_length 96, batch 4 x 2, length-grouped, prefix sharing on;
 # every stage's wall and CPU seconds in $RESULTS/timings.tsv):
 #   reward model, 311 pairs, 1 epoch (38 steps)         798 s  (2.6 s / pair with loading and dev evaluations)

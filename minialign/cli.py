@@ -186,7 +186,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="auto (bf16 on a GPU that has it, else fp32), fp32/float32, or bf16/bfloat16 "
                         "(autocast matmuls, fp32 master weights)")
     t.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and split")
-    lo = parser.add_argument_group("LoRA (minialign/lora.py; README: LoRA)")
+    lo = parser.add_argument_group("LoRA (minialign/lora.py; docs/lora.md)")
     lo.add_argument("--lora_rank", type=non_negative_int, default=0,
                     help="train rank-r adapters on the frozen model instead of every weight (0: full fine-tuning)")
     lo.add_argument("--lora_alpha", type=positive_float, default=16.0, help="the adapters' update is scaled by alpha / r")
@@ -200,7 +200,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     r.add_argument("--bucket_mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size in MB")
     r.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over the ranks with torch's FSDP2, for models "
-                        "whose replicated copies do not fit (README: memory per GPU); --bucket_mb then does not apply")
+                        "whose replicated copies do not fit (docs/memory.md); --bucket_mb then does not apply")
     r.add_argument("--dist_timeout", type=positive_int, default=1800,
                    help="seconds before a collective that waits for a stuck rank fails")
     r.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")

@@ -2,7 +2,7 @@
 
 Data parallel by hand (distributed.py) keeps the whole model on every rank: weights, gradients
 and AdamW's two moments, 16 bytes per parameter in fp32, plus a bf16 copy of the weights under
-autocast (README, "Memory per GPU"). FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps 1/W of
+autocast (docs/memory.md). FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps 1/W of
 each on each of W ranks: every parameter becomes a DTensor cut along dim 0, and
 
     before a layer's forward      all-gather its parameters; free them again after its forward

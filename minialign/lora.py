@@ -9,7 +9,7 @@ A starts random (Gaussian), B at zero, so that dW = 0 and the adapted model star
 model, exactly. alpha / r scales dW so that trying another rank needs no new learning rate (Sec. 4.1).
 B A is never formed: x goes through A, then through B, r numbers per position in between.
 
-What it buys preference training (README, "LoRA"):
+What it buys preference training (docs/lora.md):
   - memory: gradients and AdamW's two moments exist for A and B only, r * (I + O) numbers per
     matrix (well under 1% of a 7B model at r = 16); the frozen base needs no fp32 master copy,
     so under bf16 autocast its projection weights are held in bf16 (`hold_base_in_bf16`).

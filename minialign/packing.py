@@ -45,7 +45,7 @@ one more level (pairs) and a longer row for attention to cover.
 The mask is built from the three segment lengths on the batch's device, in a few vectorised
 operations, once per forward; the model turns it into the additive mask SDPA uses, once, in the
 compute dtype (model.additive_mask), and every layer reuses that. On CUDA a mask rules out SDPA's flash kernel;
-model.attend keeps it on the memory-efficient kernel (README, Benchmarks).
+model.attend keeps it on the memory-efficient kernel (docs/benchmarks.md).
 
 Shape legend: B pairs (one row each), T padded row length, C hidden size, N answer tokens in the batch.
 """
