@@ -11,7 +11,6 @@ sequence-classification layout), metrics.jsonl, curves.png, run_config.json, che
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.checkpoint import checkpoint_dtype
 from minialign.compat import check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range,
                            non_negative_float, run_main, run_settings, train_config)
@@ -26,6 +25,7 @@ from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
 from minialign.reward import reward_objective
 from minialign.run_folder import RunFolder
+from minialign.save_precision import choose_save_dtype
 from minialign.train import describe_setup, train
 
 
@@ -80,10 +80,10 @@ def main(argv=None):
                                   tokenizer, grad_sync, run)
     weights = full_model_state(model, env)  # on rank 0 (gathered from the shards under --fsdp)
     if env.is_main:
-        save_dtype = checkpoint_dtype(model.config) if args.save_dtype == "auto" else args.save_dtype
+        save_dtype, kept = choose_save_dtype(weights, args.model, args.save_dtype)  # measured: save_precision.py
         save_model(model, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
         plot_training_curves([(run.path.name, records)], run.path / "curves.png", metrics=("loss", "accuracy"))
-        print0(env, f"reward model saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
+        print0(env, f"reward model saved to {run.path / 'model'}; {kept}; curves in {run.path / 'curves.png'}")
     run.finish()
     run.release()
     finish_distributed(env)  # every rank leaves once rank 0 has saved
