@@ -20,6 +20,20 @@ def accuracy(s):
                                    "ties": s["ties"]}
 
 
+def paired_difference(run, a, b):
+    """Accuracy of eval a minus eval b on the same pairs, with a paired 95 % bootstrap interval
+    (the pairs resampled together, so the spread of the pairs' difficulty cancels)."""
+    pa, pb = read(run / f"eval/{a}/pairs.json"), read(run / f"eval/{b}/pairs.json")
+    if pa is None or pb is None:
+        return None
+    import numpy as np
+    from minialign.evaluation import bootstrap_ci
+    assert [r["line"] for r in pa] == [r["line"] for r in pb], "not the same pairs"
+    d = np.array([float(x["correct"]) - float(y["correct"]) for x, y in zip(pa, pb)])
+    return {"difference": float(d.mean()), "ci95": bootstrap_ci(d), "n": int(d.size),
+            "pairs_flipped": int((d != 0).sum())}
+
+
 def main():
     run, out = Path(sys.argv[1]), Path(sys.argv[2])
     dpo = read(run / "eval/dpo/summary.json")
@@ -30,6 +44,7 @@ def main():
         "reward_model_fp32_save": accuracy(read(run / "eval/rm/summary.json")),
         "reward_model_same_weights_bf16": accuracy(read(run / "eval/rm_bf16/summary.json")),
         "bf16_rounding_keeps": read(run / "rm_bf16/update_kept.json"),
+        "fp32_minus_bf16": paired_difference(run, "rm", "rm_bf16"),
         "trl_reward_trainer": accuracy(read(run / "trl/summary.json")),
         "dpo_implicit": accuracy(implicit),
         "dpo_kl": None if dpo is None else dpo["kl"],
@@ -50,6 +65,10 @@ def main():
              row("the same weights rounded to bf16", summary["reward_model_same_weights_bf16"]),
              row("TRL RewardTrainer, same split and settings", summary["trl_reward_trainer"]),
              row("DPO implicit reward", summary["dpo_implicit"])]
+    d = summary["fp32_minus_bf16"]
+    if d:
+        lines += ["", f"fp32 minus bf16 save, same pairs: {d['difference']:+.3f} (paired 95% CI "
+                      f"{d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}; {d['pairs_flipped']} of {d['n']} pairs change side)."]
     k = summary["bf16_rounding_keeps"]
     if k:
         lines += ["", f"bf16 rounding of the RM keeps {100 * k['kept']:.1f} % of the update (cosine {k['cosine']:.4f}); "
