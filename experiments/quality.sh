@@ -11,7 +11,7 @@
 #      with what that rounding keeps of the update (save_precision.update_kept)
 #   4. TRL's RewardTrainer on the same split, tokens and settings (experiments/trl_reward_model.py,
 #      run in the reference venv $REFPY), scored on the same held-out pairs
-#   5. a short DPO run (DPO_STEPS steps, lr 5e-6, beta 0.1): implicit-reward accuracy on held-out
+#   5. a short DPO run (DPO_STEPS steps of 8 pairs, lr DPO_LR, beta 0.1): implicit-reward accuracy on held-out
 #      pairs, and the policy's KL from the base on its own sampled answers (evaluate.py dpo)
 #
 #   bash experiments/quality.sh          # ~30 min on 2 quiet cores; RUN=... to place the work elsewhere
@@ -29,8 +29,9 @@ RUN=${RUN:-runs/quality}
 RESULTS=${RESULTS:-experiments/results/quality}
 REFPY=${REFPY:-/work/refenv/bin/python}
 SEED=${SEED:-0}
-DPO_STEPS=${DPO_STEPS:-12}
-KL_PROMPTS=${KL_PROMPTS:-16}
+DPO_STEPS=${DPO_STEPS:-10}
+DPO_LR=${DPO_LR:-5e-5}                           # the sweep's 3e-5 moved the policy little in 38 steps
+KL_PROMPTS=${KL_PROMPTS:-8}
 TRL=${TRL:-1}                                    # 0: skip the TRL stage (e.g. when it runs elsewhere)
 
 flags=(--max_length 192 --max_prompt_length 96 --batch_size 4 --grad_accum 2 --group_by_length --dtype fp32
@@ -75,7 +76,7 @@ stage eval_rm_bf16 "$RUN/eval/rm_bf16/summary.json" python evaluate.py rm --rewa
     --split "$RUN/data" --output "$RUN/trl" --seed "$SEED"
 
 stage train_dpo "$RUN/dpo/model" python train_dpo.py --model "$MODEL" --data "$RUN/data/train.jsonl" \
-    --eval_data "$RUN/data/dev.jsonl" --output "$RUN/dpo" --lr 5e-6 --beta 0.1 --max_steps "$DPO_STEPS" \
+    --eval_data "$RUN/data/dev.jsonl" --output "$RUN/dpo" --lr "$DPO_LR" --beta 0.1 --max_steps "$DPO_STEPS" \
     --eval_every 0 "${flags[@]}"
 stage eval_implicit "$RUN/eval/implicit/summary.json" python evaluate.py implicit --policy "$RUN/dpo/model" \
     --ref_model "$MODEL" --beta 0.1 --max_prompt_length 96 --data "$RUN/data/heldout100.jsonl" \
