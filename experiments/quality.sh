@@ -87,3 +87,12 @@ stage eval_dpo "$RUN/eval/dpo/summary.json" python evaluate.py dpo --base "$MODE
 
 python experiments/quality_summary.py "$RUN" "$RESULTS/summary.json"
 cp "$TIMINGS" "$RESULTS/timings.tsv"
+cp "$RUN/data/split.json" "$RESULTS/split.json"
+cp "$RUN/eval/rm/summary.json" "$RESULTS/rm_fp32_summary.json"
+cp "$RUN/eval/rm_bf16/summary.json" "$RESULTS/rm_bf16_summary.json"
+cp "$RUN/rm_bf16/update_kept.json" "$RESULTS/rm_bf16_update_kept.json"
+for f in trl/summary.json:trl_summary.json eval/implicit/summary.json:dpo_implicit_summary.json \
+         eval/dpo/summary.json:dpo_kl_summary.json; do
+    [ -f "$RUN/${f%%:*}" ] && cp "$RUN/${f%%:*}" "$RESULTS/${f##*:}"
+done
+grep -h "saved" "$RUN/train_rm.log" "$RUN/train_dpo.log" > "$RESULTS/save_lines.txt" || true
