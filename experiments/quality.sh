@@ -14,7 +14,12 @@
 #   5. a short DPO run (DPO_STEPS steps of 8 pairs, lr DPO_LR, beta 0.1): implicit-reward accuracy on held-out
 #      pairs, and the policy's KL from the base on its own sampled answers (evaluate.py dpo)
 #
-#   bash experiments/quality.sh          # ~30 min on 2 quiet cores; RUN=... to place the work elsewhere
+#   bash experiments/quality.sh          # RUN=... to place the work elsewhere
+#
+# Cost: ~40 min on 2 quiet cores, an estimate from round 1's quiet timings (reward model 711 s, a
+# 300-pair evaluation 213 s; TRL's two-row trainer somewhat slower than minialign's); on 2026-12-06,
+# shared with four other jobs (load 5-10), the stages took 44 + 15 + 15 min (RM, two evaluations
+# side by side), 28 min (DPO), 10 min (implicit and KL side by side), and TRL did not finish.
 #
 # A stage whose output exists is skipped, so a stopped run continues. Results (small JSON) are
 # collected into experiments/results/quality/summary.json by experiments/quality_summary.py.
