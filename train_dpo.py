@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.checkpoint import checkpoint_dtype, weights_fingerprint
+from minialign.checkpoint import weights_fingerprint
 from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
@@ -35,6 +35,7 @@ from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
 from minialign.run_folder import RunFolder
+from minialign.save_precision import choose_save_dtype
 from minialign.train import describe_setup, step_plan, train
 
 
@@ -188,11 +189,11 @@ def main(argv=None):
         save_adapter(run.path / "adapter", adapter_state(policy, weights), lora, args.model, reward=False)
     weights = merged_state(policy, weights)  # LoRA (#29): W0 + s*B*A, a plain model; unchanged without LoRA
     if env.is_main:
-        save_dtype = checkpoint_dtype(policy.config) if args.save_dtype == "auto" else args.save_dtype
+        save_dtype, kept = choose_save_dtype(weights, args.model, args.save_dtype)  # measured: save_precision.py
         save_model(policy, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
         plot_training_curves([(run.path.name, records)], run.path / "curves.png",
                              metrics=("loss", "rewards/accuracies", "rewards/margins"))
-        print0(env, f"policy saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
+        print0(env, f"policy saved to {run.path / 'model'}; {kept}; curves in {run.path / 'curves.png'}")
     run.finish()
     run.release()
     finish_distributed(env)  # every rank leaves once rank 0 has saved

@@ -13,7 +13,7 @@ model/ holds the merged weights and adapter/ the adapters and head in peft's lay
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.checkpoint import checkpoint_dtype, weights_fingerprint
+from minialign.checkpoint import weights_fingerprint
 from minialign.compat import check_tokenizer_fits
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, run_main, run_settings, train_config)
@@ -29,6 +29,7 @@ from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
 from minialign.reward import reward_objective
 from minialign.run_folder import RunFolder
+from minialign.save_precision import choose_save_dtype
 from minialign.train import describe_setup, train
 
 
@@ -98,10 +99,10 @@ def main(argv=None):
         save_adapter(run.path / "adapter", adapter_state(model, weights), lora, args.model, reward=True)
     weights = merged_state(model, weights)  # LoRA (#29): W0 + s*B*A, a plain model; unchanged without LoRA
     if env.is_main:
-        save_dtype = checkpoint_dtype(model.config) if args.save_dtype == "auto" else args.save_dtype
+        save_dtype, kept = choose_save_dtype(weights, args.model, args.save_dtype)  # measured: save_precision.py
         save_model(model, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
         plot_training_curves([(run.path.name, records)], run.path / "curves.png", metrics=("loss", "accuracy"))
-        print0(env, f"reward model saved to {run.path / 'model'} ({save_dtype}); curves in {run.path / 'curves.png'}")
+        print0(env, f"reward model saved to {run.path / 'model'}; {kept}; curves in {run.path / 'curves.png'}")
     run.finish()
     run.release()
     finish_distributed(env)  # every rank leaves once rank 0 has saved

@@ -337,9 +337,3 @@ def save_model(model, path, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BY
     with atomic_directory(path) as tmp:
         write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype, state)
 
-
-def checkpoint_dtype(config: ModelConfig) -> str:
-    """The dtype a checkpoint declares in config.json ("torch_dtype" in 4.x, "dtype" in 5.x), as
-    "fp32" / "bf16" / "fp16"; fp32 when it declares none."""
-    declared = config.raw.get("torch_dtype") or config.raw.get("dtype") or "float32"
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(declared), "fp32")

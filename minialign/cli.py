@@ -157,7 +157,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     o.add_argument("--save_total_limit", type=non_negative_int, default=2,
                    help="keep this many newest checkpoints of this run (0: all)")
     o.add_argument("--save_dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="dtype of the final model (auto: the dtype of the checkpoint the run started from)")
+                   help="dtype of the final model (auto: fp32, or the starting checkpoint's bf16 where that keeps "
+                        ">= 99 %% of the update; what the save keeps is measured and printed)")
     t = parser.add_argument_group("optimisation")
     t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
     t.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")

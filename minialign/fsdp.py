@@ -78,6 +78,8 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)  # freed after forward, gathered again in backward
         register_fsdp_forward_method(layer, "forward_at")  # the reward model's last layer (model.py)
+    if isinstance(model, RewardModel):  # the scalar head computes in fp32 (model.score_in_fp32): its own unit,
+        fully_shard(model.score, mesh=mesh, mp_policy=mixed_precision("fp32", frozen))  # never cast to bf16
     # The root stays gathered after its forward: backward starts with it, and the DPO path reads
     # model.lm_head.weight after hidden_states returns (dpo.concatenated_logps).
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -447,7 +447,17 @@ class RewardModel(_GradientCheckpointingSwitch, nn.Module):
         """score(h) at positions at (B, n) of each row -> (B, n) fp32; the last layer runs only there.
         attention_mask and position_ids as Backbone.forward."""
         h = self.model(input_ids, attention_mask, position_ids=position_ids, read_at=at)  # (B, n, C)
-        return self.score(h).squeeze(-1).float()  # (B, n)
+        return score_in_fp32(self.score, h)  # (B, n)
+
+
+def score_in_fp32(head: nn.Linear, h):
+    """The scalar head's dot products in fp32, (B, n, C) -> (B, n), also under autocast or FSDP's bf16
+    compute: a bf16 output has 8 significant bits, so rewards near |r| = 4 would lie 2^-5 = 0.031
+    apart and distinct answers would tie. C multiply-adds per reward cost nothing next to the layers."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if head.weight.dtype == torch.float32:  # through the module: sharded (fsdp.py), its forward gathers the weight
+            return head(h.float()).squeeze(-1)  # (B, n, 1) -> (B, n)
+        return F.linear(h.float(), head.weight.float()).squeeze(-1)  # a head loaded in bf16: upcast exactly
 
 
 @torch.no_grad()

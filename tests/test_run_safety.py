@@ -251,10 +251,10 @@ def test_resume_checks_settings_falls_back_from_a_damaged_checkpoint_and_tolerat
 
 
 def test_final_model_in_the_checkpoints_dtype_and_readable_by_others(tiny_world, tmp_path):
-    """--save_dtype auto keeps the dtype the starting checkpoint declares (tiny world: float32;
-    bf16 on request), and model.safetensors gets the umask's permissions, not 0600."""
+    """--save_dtype bf16 on request (with what it keeps printed; save_precision.py and its tests for
+    auto), and model.safetensors gets the umask's permissions, not 0600."""
     p = train(tiny_world, tmp_path / "bf16", "--max_steps", "2", "--save_dtype", "bf16")
-    assert "(bf16)" in p.stdout
+    assert "saved bf16 as asked: keeps" in p.stdout
     w = weights(tmp_path / "bf16")
     assert all(v.dtype == torch.bfloat16 for v in w.values())
     assert json.loads((tmp_path / "bf16" / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
