@@ -382,8 +382,11 @@ def test_sharded_checkpoint_save_adds_no_copy_of_the_optimizer_state(one_rank_gr
         during.append(live_cpu_bytes())
         return real_save(tensors, path, *a, **k)
 
-    class Run:  # the two things save_training_checkpoint asks of a RunFolder
+    class Run:  # the three things save_training_checkpoint asks of a RunFolder
         checkpoints, run_id = tmp_path / "checkpoints", "test"
+
+        def checkpoint_name(self, step):
+            return f"step-{step:06d}"
 
         def add_checkpoint(self, name, keep):
             pass
