@@ -84,8 +84,9 @@ def main():
     with torch.no_grad():
         for pair in heldout:
             for which in scores:
-                ids = conversation_ids(ml_tok, pair.prompt, getattr(pair, which), args.max_length,
-                                       args.max_prompt_length)  # the budget minialign trains and scores with
+                # cut as the minialign figure it is compared with was scored (2026-12-06: no separate
+                # prompt budget, the prompt's start cut to fit --max_length)
+                ids = conversation_ids(ml_tok, pair.prompt, getattr(pair, which), args.max_length)
                 scores[which].append(float(model(torch.tensor([ids])).logits[0, 0]))
     correct = np.array(scores["chosen"]) > np.array(scores["rejected"])
     summary = {**accuracy_with_ties(scores["chosen"], scores["rejected"]),
