@@ -125,8 +125,17 @@ def eval_dtype(text: str) -> str:
 # --------------------------------------------------------------------- the trainers' flags
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags both trainers share. --batch_size is per rank: the global batch is
+    """The flags both trainers share, in four groups. --batch_size is per rank: the global batch is
     batch_size x grad_accum x world_size pairs."""
+    add_data_flags(parser)
+    add_run_folder_flags(parser)
+    add_optimisation_flags(parser)
+    add_lora_and_parallel_flags(parser)
+    return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model, which pairs, and how they are cut to length."""
     g = parser.add_argument_group("model and data (give both, or neither for the demo world)")
     g.add_argument("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files), "
                                    "or a Hub id (org/name) already downloaded into the local Hugging Face cache")
@@ -146,19 +155,27 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="max prompt tokens, the prompt's end kept (default: half of --max_length)")
     g.add_argument("--truncation", default="keep_end", choices=("keep_end", "drop"),
                    help="over-long pairs: cut the prompt's start (answers stay whole), or drop the pair")
+
+
+def add_run_folder_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the run lives, and what it keeps (docs/run_folders.md)."""
     o = parser.add_argument_group("run folder")
     o.add_argument("--output", help="run folder: metrics.jsonl, curves.png, checkpoints/, model/")
     o.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     o.add_argument("--resume_anyway", action="store_true",
                    help="with --resume: continue although settings that must not change did")
     o.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --output that holds one (its checkpoints are moved aside)")
+                   help="start a new run in an --output that holds one (the whole previous run is moved into previous-<time>/)")
     o.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N steps (0: none)")
     o.add_argument("--save_total_limit", type=non_negative_int, default=2,
                    help="keep this many newest checkpoints of this run (0: all)")
     o.add_argument("--save_dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="dtype of the final model (auto: fp32, or the starting checkpoint's bf16 where that keeps "
                         ">= 99 %% of the update; what the save keeps is measured and printed)")
+
+
+def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
+    """AdamW, the schedule, batching and the numerics of a step."""
     t = parser.add_argument_group("optimisation")
     t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
     t.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
@@ -187,6 +204,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="auto (bf16 on a GPU that has it, else fp32), fp32/float32, or bf16/bfloat16 "
                         "(autocast matmuls, fp32 master weights)")
     t.add_argument("--seed", type=non_negative_int, default=0, help="initialisation, data order and split")
+
+
+def add_lora_and_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """Low-rank adapters, logging, and how the ranks work together."""
     lo = parser.add_argument_group("LoRA (minialign/lora.py; docs/lora.md)")
     lo.add_argument("--lora_rank", type=non_negative_int, default=0,
                     help="train rank-r adapters on the frozen model instead of every weight (0: full fine-tuning)")
@@ -205,7 +226,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     r.add_argument("--dist_timeout", type=positive_int, default=1800,
                    help="seconds before a collective that waits for a stuck rank fails")
     r.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
-    return parser
 
 
 def check_training_args(parser: argparse.ArgumentParser, args) -> None:
