@@ -26,9 +26,9 @@ from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.reducer import GradReducer
-from minialign.dpo import (LOSS_TYPES, adapter_off_reference, dpo_objective, live_reference, precomputed_reference,
+from minialign.dpo import (LOSS_TYPES, AdapterOffReference, DPOObjective, LiveReference, PrecomputedReference,
                            reference_table, weights_digest)
-from minialign.fsdp import FSDPGradSync, freeing_root_after, load_sharded, release
+from minialign.fsdp import FSDPGradSync, FreeingRootAfter, load_sharded, release
 from minialign.lora import adapter_state, adapters_disabled, apply_lora, describe_lora, hold_base_in_bf16, merged_state, save_adapter
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16
@@ -80,12 +80,12 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy=
     ref_dir = resolve_model_path(args.ref_model, "--ref_model") if args.ref_model else args.model
     if args.lora_rank and not args.ref_model:  # LoRA (#29): the initial model is the policy, adapters off
         if not args.precompute_ref:
-            return adapter_off_reference(policy)
+            return AdapterOffReference(policy)
         ref_model = policy  # scored inside adapters_disabled below
     else:
         ref_model = load_reference_model(args, env, dtype, tokenizer, ref_dir)
         if not args.precompute_ref:
-            return freeing_root_after(live_reference(ref_model), ref_model) if args.fsdp else live_reference(ref_model)
+            return FreeingRootAfter(LiveReference(ref_model), ref_model) if args.fsdp else LiveReference(ref_model)
     tables = reference_tables(args, env, dtype, tokenizer, ref_model, ref_dir, train_items, eval_items)
     if ref_model is not policy:  # a separate reference model: give its memory back for training
         release(ref_model)
@@ -93,7 +93,7 @@ def load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy=
         # FSDP2 ties a sharded module into reference cycles, which only the cyclic collector frees: run it
         # now, rather than whenever it next happens to run.
         gc.collect()
-    return precomputed_reference(tables, env.device)
+    return PrecomputedReference(tables, env.device)
 
 
 def reference_tables(args, env, dtype, tokenizer, ref_model, ref_dir, train_items, eval_items) -> dict:
@@ -171,7 +171,7 @@ def main(argv=None):
     reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy)
 
     # 3. Train, evaluate, save.
-    objective = dpo_objective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha,
+    objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha,
                               reference)
     settings = {**data_settings(data), **run_settings(
         args, objective="dpo", loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,

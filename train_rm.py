@@ -27,7 +27,7 @@ from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype
 from minialign.prepare import data_settings, prepare_pairs
 from minialign.resume import full_model_state
-from minialign.reward import reward_objective
+from minialign.reward import RewardObjective
 from minialign.run_folder import RunFolder
 from minialign.save_precision import choose_save_dtype
 from minialign.train import describe_setup, train
@@ -84,7 +84,7 @@ def main(argv=None):
         print0(env, describe_lora(model, lora))
 
     # 3. Train, evaluate, save.
-    objective = reward_objective(args.center_rewards_coef, args.margin)
+    objective = RewardObjective(args.center_rewards_coef, args.margin)
     settings = {**data_settings(data), **run_settings(args, objective="bradley_terry", margin=args.margin,
                                                        center_rewards_coef=args.center_rewards_coef),
                 # what a resumed run must also share: the renderer, the precision, the very weights it started from

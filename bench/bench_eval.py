@@ -53,7 +53,7 @@ from minialign.generate import encode_prompts, generate_tokens
 from minialign.packing import packed_length
 from minialign.precision import autocast_context
 from minialign.reducer import GradReducer
-from minialign.reward import reward_objective, score_ids, score_pairs
+from minialign.reward import RewardObjective, score_ids, score_pairs
 from minialign.sampler import global_batches
 from minialign.train import build_optimizer, make_batch, train_step
 
@@ -107,7 +107,7 @@ def scoring_section(args, report: Report):
     order = global_batches(n, B, args.seed, 0, lengths)
     batches = [make_batch(items, idx, pad, "train", ENV.device, packed=True) for idx in order]
     optimizer, grad_sync = build_optimizer(trained, LR, weight_decay=0.0), GradReducer(trained, ENV)
-    objective, precision = reward_objective(), autocast_context("fp32", ENV.device)
+    objective, precision = RewardObjective(), autocast_context("fp32", ENV.device)
 
     def train():
         for b in batches:

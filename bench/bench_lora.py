@@ -42,7 +42,7 @@ from common import SHAPES, Report, Worker, alternate, environment, make_batches,
 from minialign.collate import to_device
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv
-from minialign.dpo import adapter_off_reference, dpo_objective
+from minialign.dpo import AdapterOffReference, DPOObjective
 from minialign.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, hold_base_in_bf16
 from minialign.model import CausalLM
 from minialign.precision import autocast_context
@@ -74,7 +74,7 @@ def measure_bytes(shape: str, dtype: str, rank: int) -> dict:
     embedding = policy.model.embed_tokens.weight
     linear = [m.weight for m in policy.modules() if hasattr(m, "in_features") and m.weight is not embedding]
     linear_ids = {id(w) for w in linear}
-    objective = dpo_objective("sigmoid", 0.1, reference=adapter_off_reference(policy))
+    objective = DPOObjective("sigmoid", 0.1, reference=AdapterOffReference(policy))
     optimizer = build_optimizer(policy, 1e-5, 0.0)
     reducer = GradReducer(policy, env)
     probes = Probes(policy, torch.nn.Module(), optimizer, reducer)

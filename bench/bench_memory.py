@@ -171,8 +171,8 @@ def _worker(rank, world, port, shape, mode, queue):
     from minialign.collate import to_device
     from minialign.config import ModelConfig
     from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
-    from minialign.dpo import dpo_objective, live_reference
-    from minialign.fsdp import FSDPGradSync, freeing_root_after, shard
+    from minialign.dpo import DPOObjective, LiveReference
+    from minialign.fsdp import FSDPGradSync, FreeingRootAfter, shard
     from minialign.model import CausalLM
     from minialign.precision import autocast_context, hold_frozen_in_bf16
     from minialign.reducer import GradReducer
@@ -196,14 +196,14 @@ def _worker(rank, world, port, shape, mode, queue):
         shard(ref, env, mode.dtype, frozen=True)
         shard(policy, env, mode.dtype)
         inner, reducer = FSDPGradSync(policy, mode.accumulate_unsharded), None
-        reference = freeing_root_after(live_reference(ref), ref)
+        reference = FreeingRootAfter(LiveReference(ref), ref)
     else:
         broadcast_parameters(policy, env)
         if mode.dtype == "bf16":
             hold_frozen_in_bf16(ref)
         inner = reducer = GradReducer(policy, env)
-        reference = live_reference(ref)
-    objective = dpo_objective("sigmoid", 0.1, reference=reference)
+        reference = LiveReference(ref)
+    objective = DPOObjective("sigmoid", 0.1, reference=reference)
     optimizer = build_optimizer(policy, 1e-5, 0.0)
     precision = autocast_context("fp32" if mode.fsdp else mode.dtype, env.device)
     pairs = random_pairs(shape, 4 * world, PROMPT, RESPONSE, seed=0)
@@ -293,7 +293,7 @@ def per_gpu_gb(name: str, c: dict, fsdp: bool, kind: str, world: int = 8) -> flo
             total += c["bf16_reference_per_linear"] * q["L"] + c["bf16_reference_per_other"] * (q["N"] - q["L"])
         return total / GB
     total = c["fsdp_state_x_ranks"] * q["N"] / world + c["fsdp_gathered_per_root_param"] * q["root"]
-    if kind == "dpo_live":  # its root is gathered too while it runs, then freed (fsdp.freeing_root_after)
+    if kind == "dpo_live":  # its root is gathered too while it runs, then freed (fsdp.FreeingRootAfter)
         total += c["fsdp_reference_x_ranks"] * q["N"] / world + c["fsdp_gathered_per_root_param"] * q["root"]
     return total / GB
 

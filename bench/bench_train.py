@@ -91,7 +91,7 @@ def measure(report, section, shape, kind, seq, items, configs, args, device, dty
     for label, kw in configs.items():
         m, order, packed = res[label], kw["order"], kw["packed"]
         step_s = m.median_round_s / steps  # the mean step of a round
-        flops = [step_flops(SHAPES[shape], batch, kind, live_reference=not kw.get("precompute_reference"))
+        flops = [step_flops(SHAPES[shape], batch, kind, LiveReference=not kw.get("precompute_reference"))
                  for batch in make_batches(items, order, pad_id, packed)]
         executed = statistics.mean(f["executed"] for f in flops)  # per step, over the batches of a round
         nominal = statistics.mean(f["nominal"] for f in flops)

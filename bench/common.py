@@ -187,7 +187,7 @@ def layout_stats(items: list[TokenizedPair], order: list[list[int]], packed: boo
 # FLOPs: matmul FLOPs of one step, and the machine's matmul rate to divide them by
 
 
-def step_flops(cfg_dict: dict, batch: dict, kind: str, live_reference: bool = True) -> dict:
+def step_flops(cfg_dict: dict, batch: dict, kind: str, LiveReference: bool = True) -> dict:
     """Matmul FLOPs of one training step on `batch` (either layout), two ways:
 
     nominal:  6 x params x positions for the trained model (+ 2 x for a reference forward), plus
@@ -220,7 +220,7 @@ def step_flops(cfg_dict: dict, batch: dict, kind: str, live_reference: bool = Tr
     # Labelled positions: every answer token once; two rows label them shifted by one column.
     labels = batch["labels"] if packed else batch["labels"][:, 1:]
     labelled = int((labels != IGNORE_INDEX).sum())
-    ref = 1 if live_reference else 0
+    ref = 1 if LiveReference else 0
     nominal = (3 + ref) * full * tokens
     executed = (3 + ref) * (body * tokens + head * labelled)
     return {"nominal": nominal, "executed": executed}

@@ -74,12 +74,12 @@ import minialign  # noqa: E402
 from minialign.collate import TokenizedPair  # noqa: E402
 from minialign.config import ModelConfig  # noqa: E402
 from minialign.distributed import DistEnv  # noqa: E402
-from minialign.dpo import dpo_objective, live_reference  # noqa: E402
+from minialign.dpo import DPOObjective, LiveReference  # noqa: E402
 from minialign.model import CausalLM, RewardModel  # noqa: E402
 from minialign.objective import Objective  # noqa: E402
 from minialign.precision import autocast_context, hold_frozen_in_bf16  # noqa: E402
 from minialign.reducer import GradReducer  # noqa: E402
-from minialign.reward import reward_objective  # noqa: E402
+from minialign.reward import RewardObjective  # noqa: E402
 from minialign.tokenizer import train_bpe_tokenizer  # noqa: E402
 from minialign.train import build_optimizer, make_batch, pad_multiple, train_step  # noqa: E402
 
@@ -425,7 +425,7 @@ class Checks:
         items = random_items(cfg.vocab_size, 2 * pairs, length)
         batches = [make_batch(items, list(range(i * pairs, (i + 1) * pairs)), 0, "train", env.device, True,
                               pad_multiple(None, env.device)) for i in range(2)]
-        return (env, policy, dpo_objective(reference=live_reference(reference)), GradReducer(policy, env),
+        return (env, policy, DPOObjective(reference=LiveReference(reference)), GradReducer(policy, env),
                 build_optimizer(policy, 1e-6, 0.0), batches)
 
     def host_syncs(self):
@@ -568,7 +568,7 @@ class Checks:
         for i in range(3):  # AdamW's state exists from the first step on: measure the third
             if cuda and i == 2:
                 torch.cuda.reset_peak_memory_stats()
-            train_step(model, reward_objective(), batches, optimizer, reducer, 1e-5, 1.0, precision, env)
+            train_step(model, RewardObjective(), batches, optimizer, reducer, 1e-5, 1.0, precision, env)
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
         predicted = STATE_BYTES * n + AUTOCAST_BYTES * matmul
         del model, reducer, optimizer, batches

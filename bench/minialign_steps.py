@@ -13,11 +13,11 @@ import torch
 from common import serve_steps, two_row_tokens
 from minialign import load_model
 from minialign.distributed import DistEnv
-from minialign.dpo import adapter_off_reference, dpo_objective, live_reference, precomputed_reference
+from minialign.dpo import AdapterOffReference, DPOObjective, LiveReference, PrecomputedReference
 from minialign.lora import LoRAConfig, apply_lora, hold_base_in_bf16
 from minialign.precision import autocast_context
 from minialign.reducer import GradReducer
-from minialign.reward import reward_objective
+from minialign.reward import RewardObjective
 from minialign.train import build_optimizer, learning_rate, make_batch, train_step
 
 LR = 1e-6  # any small value: it does not change the cost of a step
@@ -72,19 +72,19 @@ def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=Tru
     work = [(len(idx), two_row_tokens([items[i] for i in idx])) for idx in order]
     ref = None
     if kind == "rm":
-        objective = reward_objective()
+        objective = RewardObjective()
     elif lora_rank and not precompute_reference:
-        objective = dpo_objective("sigmoid", BETA, reference=adapter_off_reference(model))
+        objective = DPOObjective("sigmoid", BETA, reference=AdapterOffReference(model))
     else:
         ref = load_model(checkpoint, device=device).eval().requires_grad_(False)
-        reference = live_reference(ref)
+        reference = LiveReference(ref)
         if precompute_reference:  # score every pair once into an (N, 2) table, then drop the reference
             table = torch.zeros(len(items), 2)
             for b in batches:
                 with autocast_context(dtype, device):
                     table[b["pair_index"].cpu()] = torch.stack(reference(b), dim=-1).float().cpu()  # (B, 2)
-            reference, ref = precomputed_reference({"train": table}, device), None
-        objective = dpo_objective("sigmoid", BETA, reference=reference)
+            reference, ref = PrecomputedReference({"train": table}, device), None
+        objective = DPOObjective("sigmoid", BETA, reference=reference)
     return make_step(model, objective, batches, work, dtype, device), model_state_mb(model, ref)
 
 

@@ -9,8 +9,8 @@ chosen and rejected rows stacked as one [2B, T] batch, so the model runs once pe
 
 The reference never changes, so its log-probs can be computed once before training
 (`reference_table`), cached on disk keyed by everything they depend on, and looked up per
-pair during training (`precomputed_reference`) instead of running the reference model
-(`live_reference`).
+pair during training (`PrecomputedReference`) instead of running the reference model
+(`LiveReference`).
 
 Shape legend: B pairs, T padded length, C hidden size, N pairs of a split.
 """
@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, 
 from .logprobs import CHECKPOINT_LOGITS_CHUNK, sequence_logprobs_from_hidden
 from .lora import adapters_disabled
 from .losses import dpo_loss, simpo_loss
-from .objective import Objective, mean_metrics, preference_sums
+from .objective import mean_metrics, preference_sums
 from .packing import collate, is_packed, packed_logps
 from .precision import autocast_context
 from .progress import Progress
@@ -64,67 +65,89 @@ def answer_logps(model, batch):
     return (*logps_sum.chunk(2), *logps_mean.chunk(2))
 
 
-def live_reference(ref_model):
-    """The reference as a function of the batch: a forward of the frozen model, no graph."""
-    def reference(batch):
+class LiveReference:
+    """The reference as a forward of the frozen model, no graph: reference(batch) -> (chosen, rejected)
+    log-probs, (B,) each."""
+
+    def __init__(self, ref_model):
+        self.model = ref_model
+
+    def __call__(self, batch):
         with torch.no_grad():
-            return answer_logps(ref_model, batch)[:2]  # (B,) chosen, (B,) rejected
-    return reference
+            return answer_logps(self.model, batch)[:2]  # (B,) chosen, (B,) rejected
 
 
-def adapter_off_reference(policy):
+class AdapterOffReference:
     """LoRA (lora.py): the reference is the policy itself with its adapters switched off, which is
     the initial model exactly (W0 never trains), so no second copy of the model is held. No graph;
     gradient checkpointing and the adapters' dropout take no part without gradients and adapters."""
-    def reference(batch):
-        with torch.no_grad(), adapters_disabled(policy):
-            return answer_logps(policy, batch)[:2]  # (B,) chosen, (B,) rejected
-    return reference
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, batch):
+        with torch.no_grad(), adapters_disabled(self.policy):
+            return answer_logps(self.policy, batch)[:2]  # (B,) chosen, (B,) rejected
 
 
-def precomputed_reference(tables: dict[str, torch.Tensor], device="cpu"):
+class PrecomputedReference:
     """The reference as a lookup: tables[split] is (N, 2) [chosen, rejected] log-probs of that
     split's pairs; a batch names its split and its pairs' indices (train.make_batch). The tables
     move to `device` once here (8 bytes per pair), not once per micro-step."""
-    tables = {name: t.to(device) for name, t in tables.items() if t is not None}
 
-    def reference(batch):
-        rows = tables[batch["split"]][batch["pair_index"]]  # (B, 2)
+    def __init__(self, tables: dict[str, torch.Tensor], device="cpu"):
+        self.tables = {name: t.to(device) for name, t in tables.items() if t is not None}
+
+    def __call__(self, batch):
+        rows = self.tables[batch["split"]][batch["pair_index"]]  # (B, 2)
         return rows.unbind(-1)
-    return reference
 
 
-def dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                  simpo_gamma: float = 0.5, rpo_alpha: float | None = None, reference=None) -> Objective:
-    """The Objective train() optimises. `reference(batch) -> (ref_chosen, ref_rejected)` is
-    live_reference or precomputed_reference; SimPO needs none."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    if loss_type != "simpo" and reference is None:
-        raise ValueError(f"loss_type {loss_type!r} needs a reference (live_reference or precomputed_reference)")
+@dataclass
+class DPOObjective:
+    """What train() optimises for DPO and its variants: loss(model, batch) -> (losses (B,), metric
+    sums), summarize(sums) -> the logged means. `reference(batch) -> (ref_chosen, ref_rejected)` is a
+    LiveReference, AdapterOffReference or PrecomputedReference; SimPO needs none."""
 
-    def loss(model, batch):
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float | None = None
+    reference: object = None
+    headline = ("loss", "rewards/accuracies", "rewards/margins")  # metrics printed on the progress line
+
+    def __post_init__(self):  # checks only: nothing is changed here
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        if self.loss_type != "simpo" and self.reference is None:
+            raise ValueError(f"loss_type {self.loss_type!r} needs a reference (LiveReference, AdapterOffReference "
+                             "or PrecomputedReference)")
+
+    def loss(self, model, batch):
         chosen, rejected, chosen_mean, rejected_mean = answer_logps(model, batch)  # (B,) each
-        if loss_type == "simpo":  # reference-free, on per-token averages (Meng et al. 2024 eq. 6)
-            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_mean, rejected_mean, beta, simpo_gamma)
+        if self.loss_type == "simpo":  # reference-free, on per-token averages (Meng et al. 2024 eq. 6)
+            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_mean, rejected_mean, self.beta,
+                                                                  self.simpo_gamma)
         else:
-            ref_chosen, ref_rejected = reference(batch)
+            ref_chosen, ref_rejected = self.reference(batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
-                label_smoothing=label_smoothing)
+                chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+                label_smoothing=self.label_smoothing)
         sums = {**preference_sums(chosen_rewards, rejected_rewards),
                 "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
                 "logps/chosen_per_token": chosen_mean.detach().sum(),
                 "logps/rejected_per_token": rejected_mean.detach().sum()}
-        if rpo_alpha:
+        if self.rpo_alpha:
             # RPO (Pang et al. 2024, eq. 3): add the per-token NLL of the chosen answer, so the
             # policy keeps (or gains) likelihood on what people preferred, not only the margin.
             nll = -chosen_mean  # (B,)
             sums.update({"loss/preference": losses.detach().sum(), "loss/nll": nll.detach().sum()})
-            losses = losses + rpo_alpha * nll
+            losses = losses + self.rpo_alpha * nll
         return losses, sums
 
-    return Objective(loss, summarize_dpo, headline=("loss", "rewards/accuracies", "rewards/margins"))
+    def summarize(self, sums: dict) -> dict[str, float]:
+        return summarize_dpo(sums)
 
 
 def summarize_dpo(s: dict) -> dict[str, float]:
@@ -222,6 +245,6 @@ def reference_table(ref_model, weights_sha256: str, tokenizer, items, name: str,
     return table
 
 
-__all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "live_reference", "adapter_off_reference",
-           "precomputed_reference", "dpo_objective", "summarize_dpo", "reference_table", "compute_reference_logps",
+__all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "LiveReference", "AdapterOffReference",
+           "PrecomputedReference", "DPOObjective", "summarize_dpo", "reference_table", "compute_reference_logps",
            "reference_cache_key", "weights_digest"]

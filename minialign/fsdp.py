@@ -122,15 +122,18 @@ def load_sharded(path, env: DistEnv, dtype: str, reward: bool | None = None, fro
     return model
 
 
-def freeing_root_after(reference, ref_model):
-    """A live reference (dpo.live_reference) of a sharded frozen model that frees the model's
+class FreeingRootAfter:
+    """A live reference (dpo.LiveReference) of a sharded frozen model that frees the model's
     gathered root after each call. The root stays gathered after a forward, for backward to use;
     a frozen model has no backward, so it would hold its embedding and head whole for good."""
-    def call(batch):
-        out = reference(batch)
-        ref_model.reshard()
+
+    def __init__(self, reference, ref_model):
+        self.reference, self.model = reference, ref_model
+
+    def __call__(self, batch):
+        out = self.reference(batch)
+        self.model.reshard()
         return out
-    return call
 
 
 def release(model) -> None:
@@ -195,5 +198,5 @@ def local_value(x):
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-__all__ = ["is_sharded", "shard", "load_sharded", "freeing_root_after", "release", "FSDPGradSync", "gather_model_state",
+__all__ = ["is_sharded", "shard", "load_sharded", "FreeingRootAfter", "release", "FSDPGradSync", "gather_model_state",
            "gather_optimizer_state", "scatter_state", "local_value", "mixed_precision", "ensure_process_group"]

@@ -14,7 +14,7 @@ What it buys preference training (docs/lora.md):
     matrix (well under 1% of a 7B model at r = 16); the frozen base needs no fp32 master copy,
     so under bf16 autocast its projection weights are held in bf16 (`hold_base_in_bf16`).
   - DPO's reference for free: the policy with its adapters switched off (`adapters_disabled`) IS
-    the initial model, so no second copy of the model is loaded (dpo.adapter_off_reference).
+    the initial model, so no second copy of the model is loaded (dpo.AdapterOffReference).
 
 Names: a LoRALinear keeps the nn.Linear's `weight` and `bias` under their names, so the base
 model's keys do not change (`model.layers.0.self_attn.q_proj.weight`); the adapters add

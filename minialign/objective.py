@@ -1,6 +1,6 @@
 """What a trainer optimises, as the training loop sees it, and the metrics both objectives log.
 
-An objective is one function of (model, batch) that returns the loss of every pair in the
+An objective is a small class whose loss(model, batch) returns the loss of every pair in the
 batch, (B,), and a dict of metric *sums* over those pairs. The loop (train.py) turns the
 losses into one step and adds the sums up over micro-batches and ranks; `summarize` turns the
 totals into the means that are logged. Sums, never means, travel between ranks, so that a
@@ -14,19 +14,22 @@ Shape legend: B pairs in a micro-batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 
 
-@dataclass
-class Objective:
-    """loss(model, batch) -> (losses (B,), metric sums incl. "pairs"); summarize(sums) -> logged means."""
+class Objective(Protocol):
+    """What the loop needs of an objective: reward.RewardObjective and dpo.DPOObjective are the two.
 
-    loss: Callable
-    summarize: Callable
-    headline: tuple = ("loss", "accuracy")  # metrics printed on the progress line
+    loss(model, batch) -> (losses (B,), metric sums incl. "pairs"); summarize(sums) -> logged means;
+    headline: the metrics printed on the progress line."""
+
+    headline: tuple
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]: ...
+
+    def summarize(self, sums: dict) -> dict[str, float]: ...
 
 
 def preference_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

@@ -7,25 +7,33 @@ last real token. Training pushes r(chosen) above r(rejected) (losses.bradley_ter
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .collate import conversation_text, through_last_end_of_turn, to_device
 from .losses import bradley_terry_loss
-from .objective import Objective, preference_sums
+from .objective import preference_sums
 from .packing import collate, is_packed, packed_rewards
 
 
-def reward_objective(center_rewards_coef: float = 0.0, margin: float | None = None) -> Objective:
-    """The Bradley-Terry objective: rewards of the [2B, T] batch's rows, chosen rows first."""
+@dataclass
+class RewardObjective:
+    """What train() optimises for a reward model, the Bradley-Terry loss of each pair's two rewards:
+    loss(model, batch) -> (losses (B,), metric sums), summarize(sums) -> the logged means."""
 
-    def loss(model, batch):
+    center_rewards_coef: float = 0.0
+    margin: float | None = None
+    headline = ("loss", "accuracy", "margin")  # metrics printed on the progress line
+
+    def loss(self, model, batch):
         chosen, rejected = pair_rewards(model, batch)  # (B,) each
-        losses, chosen, rejected = bradley_terry_loss(chosen, rejected, margin=margin,
-                                                      center_rewards_coef=center_rewards_coef)
+        losses, chosen, rejected = bradley_terry_loss(chosen, rejected, margin=self.margin,
+                                                      center_rewards_coef=self.center_rewards_coef)
         return losses, preference_sums(chosen, rejected)
 
-    return Objective(loss, summarize_rewards, headline=("loss", "accuracy", "margin"))
+    def summarize(self, sums: dict) -> dict[str, float]:
+        return summarize_rewards(sums)
 
 
 def pair_rewards(model, batch):

@@ -14,6 +14,7 @@ import warnings
 import os
 import sys
 import weakref
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -26,11 +27,10 @@ from minialign import dpo
 from minialign.collate import TokenizedPair
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv, init_distributed
-from minialign.dpo import dpo_objective, live_reference, precomputed_reference
+from minialign.dpo import DPOObjective, LiveReference, PrecomputedReference
 from minialign.model import CausalLM, DecoderLayer, RewardModel, attend
-from minialign.objective import Objective
 from minialign.reducer import GradReducer
-from minialign.reward import reward_objective
+from minialign.reward import RewardObjective
 from minialign.train import build_optimizer, make_batch, train_step
 
 MINIALIGN_DIR = os.path.dirname(minialign.__file__)
@@ -177,8 +177,9 @@ def counted_step(model, objective, batches, grad_sync, env):
     grad_sync._launch = launch
     optimizer = build_optimizer(model, 1e-3, 0.0)
     with counter:
-        sums = train_step(model, Objective(loss, objective.summarize, objective.headline), batches, optimizer,
-                          grad_sync, 1e-3, 1.0, torch.autocast("cpu", enabled=False), env)
+        counting = SimpleNamespace(loss=loss, summarize=objective.summarize, headline=objective.headline)
+        sums = train_step(model, counting, batches, optimizer, grad_sync, 1e-3, 1.0,
+                          torch.autocast("cpu", enabled=False), env)
     return counter.calls, sums
 
 
@@ -198,12 +199,12 @@ def test_no_host_sync_in_forward_and_backward_one_in_the_step(one_rank_group, ki
     if kind.startswith("dpo"):
         model = CausalLM(cfg)
         if "live" in kind:
-            reference = live_reference(CausalLM(cfg).eval().requires_grad_(False))
+            reference = LiveReference(CausalLM(cfg).eval().requires_grad_(False))
         else:
-            reference = precomputed_reference({"train": torch.randn(len(items), 2)}, env.device)
-        objective = dpo_objective(reference=reference)
+            reference = PrecomputedReference({"train": torch.randn(len(items), 2)}, env.device)
+        objective = DPOObjective(reference=reference)
     else:
-        model, objective = RewardModel(cfg), reward_objective()
+        model, objective = RewardModel(cfg), RewardObjective()
     grad_sync = GradReducer(model, env, bucket_mb=0.01)  # several buckets
     calls, sums = counted_step(model, objective, batches, grad_sync, env)
     assert len(grad_sync.buckets) > 1

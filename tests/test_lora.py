@@ -29,12 +29,12 @@ from safetensors.torch import load_file
 import minialign
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv
-from minialign.dpo import adapter_off_reference, dpo_objective, live_reference
+from minialign.dpo import AdapterOffReference, DPOObjective, LiveReference
 from minialign.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, adapter_config, adapter_state, adapters_disabled,
                             apply_lora, load_adapter, lora_modules, merged_state, minialign_name, peft_name, trained_names)
 from minialign.model import CausalLM, RewardModel
 from minialign.reducer import GradReducer
-from minialign.reward import reward_objective
+from minialign.reward import RewardObjective
 from minialign.train import make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,12 +152,12 @@ def test_adapter_gradients_equal_autograd_on_the_dense_reparametrisation(reward)
     model.train()
     model.gradient_checkpointing = True  # recomputed in backward: the same gradients
     if reward:
-        objective_of = lambda m: reward_objective()  # noqa: E731
-        lora_objective = reward_objective()
+        objective_of = lambda m: RewardObjective()  # noqa: E731
+        lora_objective = RewardObjective()
     else:  # the LoRA side's reference is the adapter-off policy, the dense side's a copy of the base model
-        reference = live_reference(copy.deepcopy(base))
-        objective_of = lambda m: dpo_objective(reference=reference)  # noqa: E731
-        lora_objective = dpo_objective(reference=adapter_off_reference(model))
+        reference = LiveReference(copy.deepcopy(base))
+        objective_of = lambda m: DPOObjective(reference=reference)  # noqa: E731
+        lora_objective = DPOObjective(reference=AdapterOffReference(model))
     batch = make_batch(pairs(), [0, 1, 2, 3], 0, "train", torch.device("cpu"), packed=not reward)
     lora_objective.loss(model, batch)[0].sum().backward()
     loss, leaves = dense_loss(base, model, objective_of, batch)

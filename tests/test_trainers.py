@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,6 @@ from safetensors.torch import load_file
 import minialign
 from minialign.distributed import DistEnv
 from minialign.reducer import GradReducer
-from minialign.objective import Objective
 from minialign.run_folder import RunFolder
 from minialign.train import TrainConfig, train
 
@@ -153,14 +153,14 @@ def _tokenized(world):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "simpo"])
 def test_every_dpo_loss_moves_the_margin_up(tiny_world, tmp_path, loss_type):
-    from minialign.dpo import dpo_objective, live_reference
+    from minialign.dpo import DPOObjective, LiveReference
 
     tok, items = _tokenized(tiny_world)
     policy = minialign.load_model(tiny_world["model"])
-    ref = None if loss_type == "simpo" else live_reference(minialign.load_model(tiny_world["model"]).eval())
+    ref = None if loss_type == "simpo" else LiveReference(minialign.load_model(tiny_world["model"]).eval())
     smoothing = 0.1 if loss_type == "robust" else 0.0
     beta = 2.0 if loss_type == "simpo" else 0.1
-    objective = dpo_objective(loss_type, beta=beta, label_smoothing=smoothing, simpo_gamma=0.5, reference=ref)
+    objective = DPOObjective(loss_type, beta=beta, label_smoothing=smoothing, simpo_gamma=0.5, reference=ref)
     _, recs = train_in_process(policy, objective, items[:128], items[128:], tmp_path, tok, max_steps=15, lr=3e-3)
     train_recs = [r for r in recs if r["split"] == "train"]
     assert all(math.isfinite(r["loss"]) for r in train_recs)
@@ -169,11 +169,11 @@ def test_every_dpo_loss_moves_the_margin_up(tiny_world, tmp_path, loss_type):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
-    from minialign.reward import reward_objective
+    from minialign.reward import RewardObjective
 
     tok, items = _tokenized(tiny_world)
     model = minialign.load_model(tiny_world["model"], reward=True)
-    good = reward_objective()
+    good = RewardObjective()
     calls = {"n": 0}
 
     def loss(m, batch):  # the 4th micro-batch returns NaN
@@ -182,7 +182,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_pat
         return (losses * float("nan") if calls["n"] == 4 else losses), sums
 
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4.*step-000002"):
-        train_in_process(model, Objective(loss, good.summarize), items, [], tmp_path, tok, max_steps=10, save_every=2)
+        objective = SimpleNamespace(loss=loss, summarize=good.summarize, headline=good.headline)
+        train_in_process(model, objective, items, [], tmp_path, tok, max_steps=10, save_every=2)
     ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
     assert ckpt.name == "step-000002"
     reloaded = minialign.load_model(ckpt)
