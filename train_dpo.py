@@ -26,13 +26,13 @@ from minialign.demo import use_demo_world
 from minialign.hub import resolve_model_path
 from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from minialign.reducer import GradReducer
-from minialign.dpo import (LOSS_TYPES, AdapterOffReference, DPOObjective, LiveReference, PrecomputedReference,
-                           reference_table, weights_digest)
+from minialign.dpo import LOSS_TYPES, AdapterOffReference, DPOObjective, LiveReference, PrecomputedReference
 from minialign.fsdp import FSDPGradSync, FreeingRootAfter, load_sharded, release
 from minialign.lora import adapter_state, adapters_disabled, apply_lora, describe_lora, hold_base_in_bf16, merged_state, save_adapter
 from minialign.plots import plot_training_curves
 from minialign.precision import default_dtype, hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
+from minialign.reference_cache import reference_table, weights_digest
 from minialign.resume import full_model_state
 from minialign.run_folder import RunFolder
 from minialign.save_precision import choose_save_dtype

@@ -7,36 +7,23 @@ reference (the initial policy, frozen). They come from one concatenated forward:
 chosen and rejected rows stacked as one [2B, T] batch, so the model runs once per step
 (one set of kernel launches, and the same padding for both halves).
 
-The reference never changes, so its log-probs can be computed once before training
-(`reference_table`), cached on disk keyed by everything they depend on, and looked up per
-pair during training (`PrecomputedReference`) instead of running the reference model
-(`LiveReference`).
+The reference never changes, so its log-probs can be computed once before training, cached on
+disk keyed by everything they depend on (reference_cache.py), and looked up per pair during
+training (`PrecomputedReference`) instead of running the reference model (`LiveReference`).
 
 Shape legend: B pairs, T padded length, C hidden size, N pairs of a split.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .checkpoint import save_tensors
-from .collate import to_device
-from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
 from .logprobs import CHECKPOINT_LOGITS_CHUNK, sequence_logprobs_from_hidden
 from .lora import adapters_disabled
 from .losses import dpo_loss, simpo_loss
 from .objective import mean_metrics, preference_sums
-from .packing import collate, is_packed, packed_logps
-from .precision import autocast_context
-from .progress import Progress
-from .sampler import eval_shard
+from .packing import is_packed, packed_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 
@@ -158,93 +145,5 @@ def summarize_dpo(s: dict) -> dict[str, float]:
     return {**out, **{k: v for k, v in m.items() if "/" in k}}
 
 
-# ------------------------------------------------------------------------ precomputed reference
-
-def weights_digest(ref_dir, env: DistEnv) -> str:
-    """sha256 of the reference weights' bytes, read by rank 0 alone and broadcast: the other
-    ranks may not hold the files (fsdp.load_sharded), and at 32B each read is 64 GB or more.
-    Computed once per run, for both splits' cache keys."""
-    digest = None
-    if env.is_main:
-        h = hashlib.sha256()
-        for f in sorted(Path(ref_dir).glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-        digest = h.hexdigest()
-    return broadcast_object(digest, env)
-
-
-def reference_cache_key(items, weights_sha256: str, tokenizer, settings: dict) -> str:
-    """sha256 over everything the reference log-probs depend on: the token ids of every pair
-    (which already reflect data, chat template and truncation), the reference weights
-    (weights_digest), the template and the precision."""
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids]).encode())
-    h.update(weights_sha256.encode())
-    h.update(json.dumps({"template": tokenizer.chat_format, **settings}, sort_keys=True).encode())
-    return h.hexdigest()[:24]
-
-
-@torch.no_grad()
-def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dtype: str, pad_id: int,
-                            name: str = "pairs", packed: bool = False) -> torch.Tensor:
-    """(N, 2) summed log-probs [chosen, rejected] of every pair under the reference, on the CPU.
-
-    Each rank scores a disjoint shard of rows into a zero table; an all-reduce SUM of the tables
-    then gives every rank the complete one (the rows are disjoint, so the sum is their union),
-    identical whatever the number of ranks. Prints progress with an ETA."""
-    table = torch.zeros(len(items), 2, dtype=torch.float64, device=env.device)
-    mine = eval_shard(len(items), env.rank, env.world_size)
-    precision = autocast_context(dtype, env.device)
-    progress = Progress(f"reference log-probs for {name} (rank 0's share)", len(mine), "pairs", env.is_main)
-    # As many batches on every rank as the largest shard needs: a sharded reference (--fsdp)
-    # all-gathers inside each forward, so the ranks' forwards must pair up. A rank past its
-    # shard scores pair 0 and keeps nothing.
-    for i in range(0, math.ceil(len(items) / env.world_size), batch_size):
-        idx = mine[i:i + batch_size]
-        batch = to_device(collate([items[j] for j in idx or [0]], pad_id, packed), env.device)
-        with precision:
-            chosen, rejected = answer_logps(ref_model, batch)[:2]  # (B,) each
-        if not idx:
-            continue
-        table[idx] = torch.stack([chosen, rejected], dim=-1).double()
-        progress.advance(len(idx))
-    if env.world_size > 1:
-        torch.distributed.all_reduce(table)
-    return table.float().cpu()
-
-
-def reference_table(ref_model, weights_sha256: str, tokenizer, items, name: str, batch_size: int, dtype: str,
-                    settings: dict, cache_dir, env: DistEnv, packed: bool = False) -> torch.Tensor | None:
-    """The (N, 2) reference log-probs of one split, read from the cache when its key matches,
-    else computed (compute_reference_logps, in the training's layout) and cached. Rank 0 reads
-    the cache and broadcasts it, so ranks need no shared file system. None for an empty split.
-    weights_sha256: weights_digest of the reference checkpoint."""
-    if not items:
-        return None
-    # The layout is in the key: both give the same numbers to rounding, but a cache should give
-    # back exactly what this run would compute. Only rank 0 reads the cache, so only it needs the key.
-    key = (reference_cache_key(items, weights_sha256, tokenizer, {**settings, "dtype": dtype, "packed": packed})
-           if env.is_main else None)
-    path = Path(cache_dir) / f"ref_logps-{name}-{key}.safetensors"
-    cached = load_file(str(path))["ref_logps"] if env.is_main and path.is_file() else None
-    if broadcast_object(cached is not None, env):
-        table = broadcast_tensors({"t": cached} if env.is_main else None, env)["t"].cpu()
-        print0(env, f"reference log-probs for {name}: reused {path}")
-        return table
-    table = compute_reference_logps(ref_model, items, batch_size, env, dtype, tokenizer.pad_token_id, name, packed)
-    if env.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_tensors({"ref_logps": table.contiguous()}, tmp)
-        os.replace(tmp, path)
-    barrier(env)
-    print0(env, f"reference log-probs for {name}: computed {len(items)} pairs, cached in {path}")
-    return table
-
-
 __all__ = ["LOSS_TYPES", "concatenated_logps", "answer_logps", "LiveReference", "AdapterOffReference",
-           "PrecomputedReference", "DPOObjective", "summarize_dpo", "reference_table", "compute_reference_logps",
-           "reference_cache_key", "weights_digest"]
+           "PrecomputedReference", "DPOObjective", "summarize_dpo"]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 import minialign
-from minialign import dpo
+from minialign import dpo, reference_cache
 from minialign.collate import TokenizedPair
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv, init_distributed
@@ -319,7 +319,7 @@ def test_reference_weights_hashed_once_by_rank_0(dpo_setup, monkeypatch):
     import builtins
 
     import train_dpo
-    from minialign.dpo import weights_digest
+    from minialign.reference_cache import weights_digest
 
     args, tokenizer, train_items, eval_items = dpo_setup("--dtype", "fp32")
     assert train_items and eval_items
@@ -335,7 +335,7 @@ def test_reference_weights_hashed_once_by_rank_0(dpo_setup, monkeypatch):
     train_dpo.load_reference(args, DistEnv(0, 1, 0, torch.device("cpu")), "fp32", tokenizer, train_items, eval_items)
     assert reads == [str(args.model) + "/model.safetensors"]  # once, not once per split
     reads.clear()
-    monkeypatch.setattr(dpo, "broadcast_object", lambda obj, env: "rank 0's digest" if env.rank else obj)
+    monkeypatch.setattr(reference_cache, "broadcast_object", lambda obj, env: "rank 0's digest" if env.rank else obj)
     assert weights_digest(args.model, DistEnv(1, 2, 1, torch.device("cpu"))) == "rank 0's digest"
     assert reads == []
 
