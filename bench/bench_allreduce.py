@@ -1,5 +1,5 @@
 """How much of the gradient all-reduce hides behind backward: 2 ranks (gloo on CPU, or NCCL on
-2 GPUs with --device cuda), minialign.reducer.InstrumentedGradReducer with overlap=True against
+2 GPUs with --device cuda), bench/instrumented_reducer.InstrumentedGradReducer with overlap=True against
 overlap=False.
 
     python bench/bench_allreduce.py                        # small shape and the Qwen2.5-0.5B shape with 4 layers
@@ -45,7 +45,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
     from minialign.config import ModelConfig
     from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
     from minialign.model import RewardModel
-    from minialign.reducer import InstrumentedGradReducer
+    from instrumented_reducer import InstrumentedGradReducer  # bench/
     from minialign.precision import autocast_context
 
     env = init_distributed(device=device)

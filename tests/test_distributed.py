@@ -21,11 +21,13 @@ import torch.nn.functional as F
 
 from minialign.distributed import (DistEnv, all_reduce_sums, barrier, broadcast_parameters, destroy_distributed,
                                    finish_distributed, init_distributed, print0)
-from minialign.reducer import GradReducer, InstrumentedGradReducer, make_buckets
+from minialign.reducer import GradReducer, make_buckets
 from minialign.config import ModelConfig
 from minialign.model import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # the counting reducer is instrumentation: it lives in bench/
+from instrumented_reducer import InstrumentedGradReducer  # noqa: E402
 WORLD = 2
 ACCUM = 3
 SMALL_BUCKET_MB = 0.01  # ~10 KB: the tiny LM splits into several buckets, so ordering matters
