@@ -578,7 +578,7 @@ def main(argv=None):
         result = args.run(args, env)
         barrier(env)  # every rank leaves once rank 0 has written (distributed.finish_distributed)
     finally:
-        destroy_distributed(env)
+        destroy_distributed()
     return result
 
 

@@ -84,7 +84,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
             results[overlap]["buckets"] = len(reducer.buckets)
     if rank == 0:
         queue.put({"grad_mb": grad_mb, "results": results})
-    destroy_distributed(env)
+    destroy_distributed()
 
 
 def main(argv=None):

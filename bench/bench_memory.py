@@ -222,7 +222,7 @@ def _worker(rank, world, port, shape, mode, queue):
         with torch.autograd.graph.saved_tensors_hooks(probes.pack, probes.unpack):
             train_step(policy, objective, batches, optimizer, sync, 1e-5, 1.0, precision, env)
     queue.put({"rank": rank, "n": n, "linear": linear, "matmul": matmul, "root": root, "bytes": probes.bytes})
-    destroy_distributed(env)
+    destroy_distributed()
 
 
 def measure(shape: str, mode: Mode, world: int = 2) -> dict:

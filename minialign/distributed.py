@@ -115,7 +115,7 @@ def cuda_index(local_rank: int) -> int:
     return local_rank
 
 
-def destroy_distributed(env: DistEnv) -> None:
+def destroy_distributed() -> None:
     """Leave the process group (no-op when none was started; --fsdp starts one even for one process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -128,7 +128,7 @@ def finish_distributed(env: DistEnv) -> None:
     and torchrun then kills the rank that was saving. Error paths call destroy_distributed alone: a
     rank that failed must not wait for ranks that may never arrive."""
     barrier(env)
-    destroy_distributed(env)
+    destroy_distributed()
 
 
 def barrier(env: DistEnv) -> None:

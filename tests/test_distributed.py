@@ -144,7 +144,7 @@ def run_rank(out_dir: str, scenario: str) -> None:
                               "in_backward": red.buckets_in_backward, "n_buckets": len(red.buckets)}
     barrier(env)
     torch.save(res, Path(out_dir) / f"rank{env.rank}.pt")
-    destroy_distributed(env)
+    destroy_distributed()
 
 
 def run_finishing_rank(out_dir: str) -> None:
@@ -388,7 +388,7 @@ def test_single_process_env(monkeypatch):
     assert not dist.is_initialized()
     assert all_reduce_sums({"a": 2, "b": 0.5}, env) == {"a": 2.0, "b": 0.5}
     barrier(env)
-    destroy_distributed(env)
+    destroy_distributed()
 
 
 def test_single_process_reducer_is_a_no_op():

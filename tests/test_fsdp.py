@@ -225,5 +225,5 @@ for unsharded in (False, True):
     assert diff < 1e-6, (unsharded, diff)
     if env.rank == 0:
         print(f"accumulate_unsharded={unsharded}: max |diff| {diff:.1e}", flush=True)
-destroy_distributed(env)
+destroy_distributed()
 '''
