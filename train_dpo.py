@@ -17,26 +17,22 @@ from pathlib import Path
 
 import torch
 
-from minialign import load_model, load_tokenizer, save_model
+from minialign import load_model, load_tokenizer
 from minialign.checkpoint import weights_fingerprint
-from minialign.compat import check_model_kind, check_same_tokenizer, check_tokenizer_fits
+from minialign.compat import check_model_kind, check_same_tokenizer
 from minialign.cli import (ArgumentParser, add_training_args, check_training_args, data_config, float_range, lora_config,
                            non_negative_float, positive_float, run_main, run_settings, train_config)
-from minialign.demo import use_demo_world
-from minialign.hub import resolve_model_path
-from minialign.distributed import broadcast_parameters, finish_distributed, init_distributed, print0
-from minialign.reducer import GradReducer
+from minialign.distributed import print0
 from minialign.dpo import LOSS_TYPES, AdapterOffReference, DPOObjective, LiveReference, PrecomputedReference
 from minialign.fsdp import FSDPGradSync, FreeingRootAfter, load_sharded, release
-from minialign.lora import adapter_state, adapters_disabled, apply_lora, describe_lora, hold_base_in_bf16, merged_state, save_adapter
-from minialign.plots import plot_training_curves
-from minialign.precision import default_dtype, hold_frozen_in_bf16
+from minialign.hub import resolve_model_path
+from minialign.launch import load_trainable, save_trained, start_run
+from minialign.lora import adapters_disabled
+from minialign.precision import hold_frozen_in_bf16
 from minialign.prepare import data_settings, prepare_pairs
+from minialign.reducer import GradReducer
 from minialign.reference_cache import reference_table, weights_digest
-from minialign.resume import full_model_state
-from minialign.run_folder import RunFolder
-from minialign.save_precision import choose_save_dtype
-from minialign.train import describe_setup, step_plan, train
+from minialign.train import step_plan, train
 
 
 DPO_BETA = 0.1  # Rafailov et al. 2023 use 0.1 (0.5 for some tasks)
@@ -136,15 +132,8 @@ def load_reference_model(args, env, dtype, tokenizer, ref_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    env = init_distributed(args.dist_timeout)
-    if args.model is None:
-        use_demo_world(args, env)
-    args.model = str(resolve_model_path(args.model, "--model"))  # a folder, also for a Hub id in the local cache
-    run = RunFolder(args.output, env, script="train_dpo.py")
-    run.check(args.resume, args.overwrite)  # before any work: never into another run's folder
+    env, run, dtype = start_run(args, "train_dpo.py")  # process group, run folder checked, precision (launch.py)
     check_model_kind(args.model, reward=False, what="--model")  # DPO trains a causal LM, not a reward model
-    dtype = default_dtype(env.device) if args.dtype == "auto" else args.dtype
-    torch.manual_seed(args.seed)
 
     # 1. Data: load, report what was skipped, split by prompt, tokenize.
     tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
@@ -154,25 +143,12 @@ def main(argv=None):
 
     # 2. Policy (with --lora_rank: adapters on the frozen model, lora.py), and the frozen reference (none for SimPO).
     lora = lora_config(args)
-    if args.fsdp:
-        policy = load_sharded(args.model, env, dtype, prepare=(lambda m: apply_lora(m, lora)) if lora else None)
-    else:
-        policy = load_model(args.model, device=env.device)
-        if lora:  # LoRA (#29); under bf16 its frozen base needs no fp32 master copy
-            apply_lora(policy, lora)
-            if dtype == "bf16":
-                hold_base_in_bf16(policy)
-        broadcast_parameters(policy, env)
-    check_tokenizer_fits(policy.config, tokenizer, args.model)  # every token id has an embedding row
-    policy.gradient_checkpointing = args.gradient_checkpointing
-    print0(env, describe_setup(policy, env, dtype))
-    if lora:
-        print0(env, describe_lora(policy, lora))
+    policy = load_trainable(args, env, dtype, tokenizer, lora, reward=False)
     reference = load_reference(args, env, dtype, tokenizer, train_items, eval_items, policy)
 
     # 3. Train, evaluate, save.
     objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha,
-                              reference)
+                             reference)
     settings = {**data_settings(data), **run_settings(
         args, objective="dpo", loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
         simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, ref_model=str(args.ref_model or args.model)),
@@ -184,19 +160,8 @@ def main(argv=None):
     grad_sync = FSDPGradSync(policy) if args.fsdp else GradReducer(policy, env, args.bucket_mb)
     eval_metrics, records = train(policy, objective, train_items, eval_items, train_config(args, dtype, settings), env,
                                   tokenizer, grad_sync, run)
-    weights = full_model_state(policy, env)  # on rank 0 (gathered from the shards under --fsdp)
-    if lora and env.is_main:  # LoRA (#29): the adapters alone, in peft's layout, beside the merged model
-        save_adapter(run.path / "adapter", adapter_state(policy, weights), lora, args.model, reward=False)
-    weights = merged_state(policy, weights)  # LoRA (#29): W0 + s*B*A, a plain model; unchanged without LoRA
-    if env.is_main:
-        save_dtype, kept = choose_save_dtype(weights, args.model, args.save_dtype)  # measured: save_precision.py
-        save_model(policy, run.path / "model", tokenizer, dtype=save_dtype, state=weights)
-        plot_training_curves([(run.path.name, records)], run.path / "curves.png",
-                             metrics=("loss", "rewards/accuracies", "rewards/margins"))
-        print0(env, f"policy saved to {run.path / 'model'}; {kept}; curves in {run.path / 'curves.png'}")
-    run.finish()
-    run.release()
-    finish_distributed(env)  # every rank leaves once rank 0 has saved
+    save_trained(policy, args, env, run, tokenizer, records, lora, reward=False,
+                 curve_metrics=("loss", "rewards/accuracies", "rewards/margins"))
     return eval_metrics
 
 

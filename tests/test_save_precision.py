@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import minialign
 import train_dpo
 import train_rm
+from minialign import launch
 from minialign.model import last_token_index
 from minialign.save_precision import choose_save_dtype, stored_dtype, update_kept
 
@@ -97,7 +98,7 @@ def test_run_from_bf16_checkpoint_saves_its_fp32_master_weights(bf16_world, tmp_
         handed.update({k: v.detach().clone() for k, v in state.items()})
         return minialign.save_model(model, path, tokenizer, dtype=dtype, state=state)
 
-    monkeypatch.setattr(script, "save_model", spy)
+    monkeypatch.setattr(launch, "save_model", spy)  # the trainers save through launch.save_trained
     out = tmp_path / "run"
     script.main(["--model", str(bf16_world["model"]), "--data", str(bf16_world["data"]), "--output", str(out),
                  "--max_steps", "3", "--batch_size", "4", "--max_length", "64", "--lr", lr, "--log_every", "0"])
