@@ -176,6 +176,26 @@ def print_table(title: str, rows):
 
 # ---------------------------------------------------------------------------------- rm
 
+def rm_pairs(args, tokenizer, env):
+    """The held-out pairs (a seeded --num_pairs subset, in file order) tokenized by training's
+    policy (collate.py), its prompt budget included: a pair training would drop is dropped and
+    counted the same way, in the load report. Returns (pairs, items, report, stats, budget)."""
+    pairs, report = load_preferences(args.data, args.data_format)
+    if args.num_pairs and args.num_pairs < len(pairs):
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), args.num_pairs, replace=False))
+        pairs = [pairs[i] for i in keep]
+    budget = args.max_prompt_length or args.max_length // 2
+    if budget >= args.max_length:
+        raise UserError(f"--max_prompt_length {budget} must be below --max_length {args.max_length}")
+    items, stats = tokenize_pairs(tokenizer, pairs, max_length=args.max_length, max_prompt_length=budget,
+                                  truncation="keep_end", report=report)
+    print0(env, f"{report.summary()}\n{stats.summary()}")
+    if not items:
+        raise UserError(f"no pair of {args.data} fits --max_length {args.max_length}: {stats.summary()}")
+    kept = {it.line for it in items}  # a pair's line is unique in its file
+    return [p for p in pairs if p.line in kept], items, report, stats, budget
+
+
 def run_rm(args, env):
     given = {"--reward_model": args.reward_model, "--data": args.data}
     demo = demo_world_if_none(given, env, f"{DEMO_RM} on the demo world's held-out pairs")
@@ -186,22 +206,7 @@ def run_rm(args, env):
     tokenizer = load_tokenizer(args.reward_model, chat_format=args.chat_format)
     check_tokenizer_fits(config, tokenizer, args.reward_model)
     out = output_folder(args.output or "runs/eval/rm", env)
-    pairs, report = load_preferences(args.data, args.data_format)
-    if args.num_pairs and args.num_pairs < len(pairs):  # a seeded random subset, kept in file order
-        keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), args.num_pairs, replace=False))
-        pairs = [pairs[i] for i in keep]
-    # Training's tokenization and truncation policy (collate.py), its prompt budget included: a pair
-    # training would drop is dropped and counted here the same way, in the load report.
-    budget = args.max_prompt_length or args.max_length // 2
-    if budget >= args.max_length:
-        raise UserError(f"--max_prompt_length {budget} must be below --max_length {args.max_length}")
-    items, stats = tokenize_pairs(tokenizer, pairs, max_length=args.max_length, max_prompt_length=budget,
-                                  truncation="keep_end", report=report)
-    print0(env, f"{report.summary()}\n{stats.summary()}")
-    if not items:
-        raise UserError(f"no pair of {args.data} fits --max_length {args.max_length}: {stats.summary()}")
-    kept = {it.line for it in items}  # a pair's line is unique in its file
-    pairs = [p for p in pairs if p.line in kept]
+    pairs, items, report, stats, budget = rm_pairs(args, tokenizer, env)
 
     model = load_slot(args.reward_model, "--reward_model", args, env)
     # One packed row per pair, the prompt computed once, in length-grouped batches (training's layout).
@@ -228,8 +233,15 @@ def run_rm(args, env):
         for p, b, w, lb, lw in zip(pairs, better, worse, better_len, worse_len)])
     rm_eval_figure(better, worse, out / "rm_eval.png", title=f"reward model {args.reward_model}")
 
+    print_rm_summary(summary, args.data)
+    print(f"\nwrote {out / 'summary.json'}, {out / 'pairs.json'}, {out / 'rm_eval.png'}")
+    return summary
+
+
+def print_rm_summary(summary: dict, data: str) -> None:
+    """The terminal table of evaluate.py rm: accuracy, margins, reward spread and length bias."""
     lb = summary["length_bias"]
-    print_table(f"reward model on {summary['n']} pairs of {args.data}", [
+    print_table(f"reward model on {summary['n']} pairs of {data}", [
         ("accuracy (strict)", summary["accuracy"]), ("  95% bootstrap CI", summary["accuracy_ci95"]),
         ("ties", summary["ties"]), ("accuracy, ties as 1/2", summary["accuracy_ties_half"]),
         ("mean margin r(better) - r(worse)", summary["mean_margin"]),
@@ -240,8 +252,6 @@ def run_rm(args, env):
         (f"accuracy, better is shorter (n={lb['n_better_shorter']})", lb["accuracy_better_shorter"]),
         ("longer answer preferred by the RM", lb["prefers_longer_rate"]),
     ])
-    print(f"\nwrote {out / 'summary.json'}, {out / 'pairs.json'}, {out / 'rm_eval.png'}")
-    return summary
 
 
 # --------------------------------------------------------------------------------- dpo
@@ -315,13 +325,10 @@ def generation_rows(prompts, cut, length_diff, both, base_r, policy_r, k: int) -
             for i, prompt in enumerate(prompts)]
 
 
-def run_dpo(args, env):
-    given = {"--base": args.base, "--policy": args.policy, "--reward_model": args.reward_model, "--data": args.data}
-    demo = demo_world_if_none(given, env, f"the demo base model vs {DEMO_POLICY}, judged by {DEMO_RM}")
-    if demo is not None:
-        args.base, args.policy, args.reward_model, args.data = (str(demo.base_model), DEMO_POLICY, DEMO_RM,
-                                                                str(demo.eval_data))
-    announce(args, env)
+def check_dpo_models(args, env):
+    """Before any heavy work: the three checkpoints load and are the right kinds, --base and --policy
+    share one tokenizer, each tokenizer fits its model; says when --policy is --base. Returns
+    (tokenizer of base and policy, the reward model's tokenizer, whether policy and base are the same)."""
     base_config = check_slot(args.base, "--base", reward=False)
     policy_config = check_slot(args.policy, "--policy", reward=False)
     rm_config = check_slot(args.reward_model, "--reward_model", reward=True)
@@ -335,18 +342,34 @@ def run_dpo(args, env):
     check_tokenizer_fits(base_config, tokenizer, args.base)
     check_tokenizer_fits(policy_config, tokenizer, args.policy, tokenizer_dir=args.base)
     check_tokenizer_fits(rm_config, rm_tokenizer, args.reward_model)
+    return tokenizer, rm_tokenizer, same_model
+
+
+def describe_prompts(ids, n_cut: int, k: int, max_prompt_length: int, env) -> None:
+    """How many prompts, how many were cut, and a warning before the long silence of a huge prefill."""
+    print0(env, f"{len(ids)} prompts, {k} answer(s) each per model; {n_cut} prompt(s) longer than "
+                f"--max_prompt_length {max_prompt_length} keep their last tokens")
+    longest = max(map(len, ids), default=0)
+    if longest > LONG_PROMPT_TOKENS:
+        print0(env, f"the longest prompt has {longest:,} tokens: generating from it takes long (attention's cost grows "
+                    f"with the square of the length; minutes on a CPU); lower --max_prompt_length to go faster")
+
+
+def run_dpo(args, env):
+    given = {"--base": args.base, "--policy": args.policy, "--reward_model": args.reward_model, "--data": args.data}
+    demo = demo_world_if_none(given, env, f"the demo base model vs {DEMO_POLICY}, judged by {DEMO_RM}")
+    if demo is not None:
+        args.base, args.policy, args.reward_model, args.data = (str(demo.base_model), DEMO_POLICY, DEMO_RM,
+                                                                str(demo.eval_data))
+    announce(args, env)
+    tokenizer, rm_tokenizer, same_model = check_dpo_models(args, env)
     out = output_folder(args.output or "runs/eval/dpo", env)
     pairs, report = load_data(args, env)
     prompts = prompts_view(pairs)[: args.num_prompts]
     k = args.samples_per_prompt
     ids, cut = prompt_ids_kept_end(tokenizer, prompts, args.max_prompt_length)
     n_cut = sum(cut)
-    print0(env, f"{len(prompts)} prompts, {k} answer(s) each per model; {n_cut} prompt(s) longer than "
-                f"--max_prompt_length {args.max_prompt_length} keep their last tokens")
-    longest = max(map(len, ids), default=0)
-    if longest > LONG_PROMPT_TOKENS:  # say so before the long silence of a prefill this size
-        print0(env, f"the longest prompt has {longest:,} tokens: generating from it takes long (attention's cost grows "
-                    f"with the square of the length; minutes on a CPU); lower --max_prompt_length to go faster")
+    describe_prompts(ids, n_cut, k, args.max_prompt_length, env)
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
     asked_ids = [p for p in ids for _ in range(k)]
 
@@ -369,8 +392,7 @@ def run_dpo(args, env):
     if kl:
         summary["kl"] = sampled_kl(both.policy_logps, both.base_logps, [len(a) for a in both.scored_ids], k,
                                    args.n_resamples, args.seed)
-    summary.update(same_model=same_model)
-    summary.update(base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
+    summary.update(same_model=same_model, base_model=args.base, policy_model=args.policy, reward_model=args.reward_model, data=args.data,
                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                    max_prompt_length=args.max_prompt_length, prompts_truncated=n_cut, max_length=args.max_length,
                    seed=args.seed, n_resamples=args.n_resamples, length_unit="tokens (generated, EOS excluded)",

@@ -116,6 +116,20 @@ def strftime_now(format):
 
 
 @lru_cache(maxsize=16)
+def oversized_binop(operator: str, left, right) -> str | None:
+    """What is wrong with `left operator right` before it runs, or None: a repetition or a
+    concatenation longer than MAX_PRODUCT_LENGTH items, or an exponent above MAX_EXPONENT."""
+    sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+    counts = [v for v in (left, right) if isinstance(v, int)]
+    if operator == "*" and sizes and counts and sizes[0] * max(counts) > MAX_PRODUCT_LENGTH:
+        return f"a repetition longer than {MAX_PRODUCT_LENGTH:,} items"
+    if operator == "+" and sum(sizes) > MAX_PRODUCT_LENGTH:
+        return f"a concatenation longer than {MAX_PRODUCT_LENGTH:,} items"
+    if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+        return f"an exponent above {MAX_EXPONENT}"
+    return None
+
+
 def _compiled(template: str):
     """The template compiled once per text (a data set renders it three times per pair)."""
     import jinja2
@@ -169,14 +183,9 @@ def _compiled(template: str):
         intercepted_binops = frozenset(["*", "+", "**"])
 
         def call_binop(self, context, operator, left, right):
-            sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
-            counts = [v for v in (left, right) if isinstance(v, int)]
-            if operator == "*" and sizes and counts and sizes[0] * max(counts) > MAX_PRODUCT_LENGTH:
-                raise jinja2.exceptions.SecurityError(f"a repetition longer than {MAX_PRODUCT_LENGTH:,} items")
-            if operator == "+" and sum(sizes) > MAX_PRODUCT_LENGTH:
-                raise jinja2.exceptions.SecurityError(f"a concatenation longer than {MAX_PRODUCT_LENGTH:,} items")
-            if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
-                raise jinja2.exceptions.SecurityError(f"an exponent above {MAX_EXPONENT}")
+            too_big = oversized_binop(operator, left, right)
+            if too_big:
+                raise jinja2.exceptions.SecurityError(too_big)
             return super().call_binop(context, operator, left, right)
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
