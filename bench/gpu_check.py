@@ -60,6 +60,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -76,12 +77,11 @@ from minialign.config import ModelConfig  # noqa: E402
 from minialign.distributed import DistEnv  # noqa: E402
 from minialign.dpo import DPOObjective, LiveReference  # noqa: E402
 from minialign.model import CausalLM, RewardModel  # noqa: E402
-from minialign.objective import Objective  # noqa: E402
 from minialign.precision import autocast_context, hold_frozen_in_bf16  # noqa: E402
 from minialign.reducer import GradReducer  # noqa: E402
 from minialign.reward import RewardObjective  # noqa: E402
 from minialign.tokenizer import train_bpe_tokenizer  # noqa: E402
-from minialign.train import build_optimizer, make_batch, pad_multiple, train_step  # noqa: E402
+from minialign.train import build_optimizer, make_batch, train_step  # noqa: E402
 
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
 GOLDEN_NAMES = ["qwen2_tied", "qwen2_untied", "qwen3", "llama", "llama_bias", "llama_rope_linear", "llama_rope_llama3",
@@ -423,8 +423,8 @@ class Checks:
         reference.load_state_dict(policy.state_dict())
         hold_frozen_in_bf16(reference.eval().requires_grad_(False))
         items = random_items(cfg.vocab_size, 2 * pairs, length)
-        batches = [make_batch(items, list(range(i * pairs, (i + 1) * pairs)), 0, "train", env.device, True,
-                              pad_multiple(None, env.device)) for i in range(2)]
+        batches = [make_batch(items, list(range(i * pairs, (i + 1) * pairs)), 0, "train", env.device, True)
+                   for i in range(2)]  # padded to 8 on CUDA by make_batch
         return (env, policy, DPOObjective(reference=LiveReference(reference)), GradReducer(policy, env),
                 build_optimizer(policy, 1e-6, 0.0), batches)
 
@@ -459,8 +459,8 @@ class Checks:
             if self.device == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(policy, Objective(loss, objective.summarize), batches, optimizer, reducer, 1e-6, 1.0,
-                           precision, env)
+                phased = SimpleNamespace(loss=loss, summarize=objective.summarize, headline=objective.headline)
+                train_step(policy, phased, batches, optimizer, reducer, 1e-6, 1.0, precision, env)
             finally:
                 if self.device == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
@@ -562,8 +562,7 @@ class Checks:
         n = sum(p.numel() for p in model.parameters())
         matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         reducer, optimizer = GradReducer(model, env), build_optimizer(model, 1e-5, 0.0)
-        batches = [make_batch(random_items(cfg.vocab_size, 1, 21), [0], 0, "train", env.device, True,
-                              pad_multiple(None, env.device))]  # one row of 64 tokens
+        batches = [make_batch(random_items(cfg.vocab_size, 1, 21), [0], 0, "train", env.device, True)]  # 64 tokens
         precision = autocast_context("bf16" if cuda else "fp32", env.device)
         for i in range(3):  # AdamW's state exists from the first step on: measure the third
             if cuda and i == 2:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import torch
 from safetensors import safe_open

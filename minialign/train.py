@@ -146,7 +146,7 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
     eval_metrics = None
     while step < plan.total:
         batches = [make_batch(train_items, ids, tokenizer.pad_token_id, "train", env.device, cfg.prefix_sharing,
-                              pad_multiple(cfg.pad_to_multiple_of, env.device)) for ids in plan.micro_batches(step)]
+                              cfg.pad_to_multiple_of) for ids in plan.micro_batches(step)]
         lr = learning_rate(step, plan.total, cfg.lr, cfg.warmup_ratio)
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
@@ -252,8 +252,9 @@ def make_batch(items, indices: list[int], pad_id: int, split: str, device, packe
     pair with prefix sharing (packing.collate_packed), else chosen and rejected rows
     (collate.collate_pairs). Besides the tensors, the batch says where its pairs come from —
     `split` and `pair_index` (B,) — so that an objective can look up values computed per pair
-    beforehand (DPO's precomputed reference log-probs), and how many real tokens it holds."""
-    batch = collate([items[i] for i in indices], pad_id, packed, pad_to_multiple_of)
+    beforehand (DPO's precomputed reference log-probs), and how many real tokens it holds. The
+    length is rounded up to pad_to_multiple_of, by default 8 on CUDA (pad_multiple)."""
+    batch = collate([items[i] for i in indices], pad_id, packed, pad_multiple(pad_to_multiple_of, device))
     batch["pair_index"] = torch.tensor(indices, dtype=torch.long)
     batch["num_tokens"] = batch["lengths"].sum()
     batch = to_device(batch, device)
@@ -277,7 +278,7 @@ def evaluate(model, objective: Objective, items, cfg: TrainConfig, env: DistEnv,
     for start in range(0, max(largest_shard, 1), bs):
         ids = mine[start:start + bs]
         weight = 1.0 if ids else 0.0
-        batch = make_batch(items, ids or [0], pad_id, "eval", env.device, cfg.prefix_sharing)
+        batch = make_batch(items, ids or [0], pad_id, "eval", env.device, cfg.prefix_sharing, cfg.pad_to_multiple_of)
         with precision:
             losses, metric_sums = objective.loss(model, batch)
         accumulate(sums, {k: weight * v for k, v in {"loss": losses.sum(), **metric_sums}.items()})

@@ -104,7 +104,6 @@ def test_run_from_bf16_checkpoint_saves_its_fp32_master_weights(bf16_world, tmp_
                  "--max_steps", "3", "--batch_size", "4", "--max_length", "64", "--lr", lr, "--log_every", "0"])
     assert "saved fp32: the update is kept exactly" in capsys.readouterr().out
     saved = load_file(str(out / "model" / "model.safetensors"))
-    start = load_file(str(bf16_world["model"] / "model.safetensors"))
     assert handed["model.embed_tokens.weight"].dtype == torch.float32
     for k, v in saved.items():
         assert v.dtype == torch.float32 and torch.equal(v, handed[k]), k
