@@ -41,7 +41,6 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from minialign.collate import to_device
     from minialign.config import ModelConfig
     from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
     from minialign.model import RewardModel
@@ -50,8 +49,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
 
     env = init_distributed(device=device)
     cfg = SHAPES[shape]
-    batch = to_device(make_batches(random_pairs(shape, 2, 128, 128, seed=rank), [[0, 1]], cfg["pad_token_id"])[0],
-                      env.device)
+    batch = make_batches(random_pairs(shape, 2, 128, 128, seed=rank), [[0, 1]], cfg["pad_token_id"])[0].to(env.device)
     precision = autocast_context("bf16" if env.device.type == "cuda" else "fp32", env.device)
     models, reducers = {}, {}
     for overlap in (True, False):  # one copy of the model per setting (module docstring)
@@ -67,7 +65,7 @@ def _rank(rank, world, port, shape, rounds, steps, bucket_mb, device, queue):
             model, reducer = models[overlap], reducers[overlap]
             for _ in range(steps):
                 with precision:
-                    rewards = model(batch["input_ids"], batch["attention_mask"])
+                    rewards = model(batch.input_ids, batch.attention_mask)
                 loss = -torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:]).mean()
                 sync(env.device)
                 t = time.perf_counter()

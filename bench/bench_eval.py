@@ -55,7 +55,8 @@ from minialign.precision import autocast_context
 from minialign.reducer import GradReducer
 from minialign.reward import RewardObjective, score_ids, score_pairs
 from minialign.sampler import global_batches
-from minialign.train import build_optimizer, make_batch, train_step
+from minialign.packing import make_batch
+from minialign.train import build_optimizer, train_step
 
 SMOLLM2 = "/work/smollm2/SmolLM2-135M-Instruct"
 HH = SHARED / "data/hh-rlhf/harmless-base-test.jsonl.gz"

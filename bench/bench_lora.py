@@ -32,6 +32,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -39,7 +40,6 @@ import minialign_steps
 from bench_memory import QWEN25, ProbedSync, Probes, qwen25_counts, storages
 from common import SHAPES, Report, Worker, alternate, environment, make_batches, random_pairs, save_random_checkpoint
 
-from minialign.collate import to_device
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv
 from minialign.dpo import AdapterOffReference, DPOObjective
@@ -83,8 +83,7 @@ def measure_bytes(shape: str, dtype: str, rank: int) -> dict:
     batches = []
     for idx in ([0, 1], [2, 3]):
         b = make_batches(pairs, [idx], SHAPES[shape]["pad_token_id"])[0]
-        batches.append({**to_device({**b, "pair_index": torch.tensor(idx), "num_tokens": b["attention_mask"].sum()},
-                                    env.device), "split": "train"})
+        batches.append(replace(b, split="train", pair_index=torch.tensor(idx)).to(env.device))
     for step in range(2):  # the second step is measured: AdamW's state exists from the first
         probes.armed, probes.measured_backward_start = step == 1, step == 0
         probes.saved.clear()

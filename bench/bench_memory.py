@@ -28,7 +28,7 @@ import os
 import socket
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.multiprocessing as mp
@@ -159,6 +159,9 @@ class ProbedSync:
     def wait(self):
         self.inner.wait()
 
+    def clip_grad_norm(self, max_norm):
+        return self.inner.clip_grad_norm(max_norm)
+
     def zero_grad(self):
         self.micro = 0
         self.inner.zero_grad()
@@ -168,7 +171,6 @@ def _worker(rank, world, port, shape, mode, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from minialign.collate import to_device
     from minialign.config import ModelConfig
     from minialign.distributed import broadcast_parameters, destroy_distributed, init_distributed
     from minialign.dpo import DPOObjective, LiveReference
@@ -211,8 +213,7 @@ def _worker(rank, world, port, shape, mode, queue):
     batches = []
     for idx in mine:
         b = make_batches(pairs, [idx], SHAPES[shape]["pad_token_id"])[0]
-        b = to_device({**b, "pair_index": torch.tensor(idx), "num_tokens": b["attention_mask"].sum()}, env.device)
-        batches.append({**b, "split": "train"})
+        batches.append(replace(b, split="train", pair_index=torch.tensor(idx)).to(env.device))
     probes = Probes(policy, ref, optimizer, reducer)
     sync = ProbedSync(inner, probes)
     for step in range(2):  # the second step is measured: AdamW's state exists from the first

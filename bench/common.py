@@ -38,8 +38,7 @@ if str(REPO) not in sys.path:
 
 from minialign.collate import TokenizedPair  # noqa: E402
 from minialign.config import ModelConfig  # noqa: E402
-from minialign.logprobs import IGNORE_INDEX  # noqa: E402
-from minialign.packing import collate, is_packed, row_length  # noqa: E402
+from minialign.packing import IGNORE_INDEX, collate, row_length  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 
@@ -204,8 +203,8 @@ def step_flops(cfg_dict: dict, batch: dict, kind: str, LiveReference: bool = Tru
     causally (T/2 keys per query on average) in both layouts.
     """
     cfg = ModelConfig.from_hf_dict(cfg_dict)
-    rows, T = batch["input_ids"].shape
-    packed = is_packed(batch)
+    rows, T = batch.input_ids.shape
+    packed = batch.packed
     tokens = rows * T
     full = model_flops_per_token(cfg, T)  # forward, per token, vocab projection included
     head = 2 * cfg.vocab_size * cfg.hidden_size  # forward FLOPs of the vocab projection, per position
@@ -218,7 +217,7 @@ def step_flops(cfg_dict: dict, batch: dict, kind: str, LiveReference: bool = Tru
         skipped = 2 * (C * HD + HD * C + 3 * C * cfg.intermediate_size) + 2 * 2 * (T / 2) * HD
         return {"nominal": 3 * body * tokens, "executed": 3 * (body * tokens - skipped * rows * (T - read))}
     # Labelled positions: every answer token once; two rows label them shifted by one column.
-    labels = batch["labels"] if packed else batch["labels"][:, 1:]
+    labels = batch.labels if packed else batch.labels[:, 1:]
     labelled = int((labels != IGNORE_INDEX).sum())
     ref = 1 if LiveReference else 0
     nominal = (3 + ref) * full * tokens

@@ -81,7 +81,8 @@ from minialign.precision import autocast_context, hold_frozen_in_bf16  # noqa: E
 from minialign.reducer import GradReducer  # noqa: E402
 from minialign.reward import RewardObjective  # noqa: E402
 from minialign.tokenizer import train_bpe_tokenizer  # noqa: E402
-from minialign.train import build_optimizer, make_batch, train_step  # noqa: E402
+from minialign.packing import make_batch  # noqa: E402
+from minialign.train import build_optimizer, train_step  # noqa: E402
 
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
 GOLDEN_NAMES = ["qwen2_tied", "qwen2_untied", "qwen3", "llama", "llama_bias", "llama_rope_linear", "llama_rope_llama3",

@@ -2,7 +2,7 @@
 
 One step is minialign.train.train_step itself (objective -> backward -> reduce -> clip -> finite
 check -> AdamW step -> zero_grad), with the optimizer from build_optimizer, the schedule from
-learning_rate and the batches from train.make_batch, in either layout: one packed row per pair
+learning_rate and the batches from packing.make_batch, in either layout: one packed row per pair
 (--prefix_sharing, the trainers' default) or two rows per pair (--no-prefix_sharing). Collation
 runs before timing (data preprocessing is excluded from the timings of every implementation alike).
 """
@@ -18,7 +18,8 @@ from minialign.lora import LoRAConfig, apply_lora, hold_base_in_bf16
 from minialign.precision import autocast_context
 from minialign.reducer import GradReducer
 from minialign.reward import RewardObjective
-from minialign.train import build_optimizer, learning_rate, make_batch, train_step
+from minialign.packing import make_batch
+from minialign.train import build_optimizer, learning_rate, train_step
 
 LR = 1e-6  # any small value: it does not change the cost of a step
 TOTAL_STEPS = 1000  # the schedule's horizon (warm-up 0: pure cosine, as the references are set up)
@@ -60,7 +61,7 @@ def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=Tru
     """(step, state_mb) for "rm" (Bradley-Terry) or "dpo" (sigmoid loss, with the reference live
     every step, or precomputed once beforehand as train_dpo.py --precompute_ref does), training
     on the pairs items[i] in the batches `order` (lists of indices), collated as train() collates
-    them (train.make_batch: packed, or chosen and rejected rows). lora_rank > 0: LoRA on the seven
+    them (packing.make_batch: packed, or chosen and rejected rows). lora_rank > 0: LoRA on the seven
     projections as the trainers apply it, and for DPO the live reference is the adapter-off policy."""
     model = load_model(checkpoint, device=device)
     if lora_rank:
@@ -82,7 +83,7 @@ def build_step(kind, checkpoint, items, order, pad_id, dtype, device, packed=Tru
             table = torch.zeros(len(items), 2)
             for b in batches:
                 with autocast_context(dtype, device):
-                    table[b["pair_index"].cpu()] = torch.stack(reference(b), dim=-1).float().cpu()  # (B, 2)
+                    table[b.pair_index.cpu()] = torch.stack(reference(b), dim=-1).float().cpu()  # (B, 2)
             reference, ref = PrecomputedReference({"train": table}, device), None
         objective = DPOObjective("sigmoid", BETA, reference=reference)
     return make_step(model, objective, batches, work, dtype, device), model_state_mb(model, ref)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from common import peak_memory_mb, serve_steps, sync
-from minialign.collate import to_device as move
 from minialign.train import build_optimizer, learning_rate
 from minialign_steps import BETA, LR, MAX_GRAD_NORM, TOTAL_STEPS
 
@@ -55,7 +54,7 @@ def _loop_step(model, loss_fn, batches, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        return batch["input_ids"].shape[0] // 2, int(batch["attention_mask"].sum())  # pairs, two-row tokens
+        return batch.input_ids.shape[0] // 2, int(batch.attention_mask.sum())  # pairs, two-row tokens
 
     return step
 
@@ -63,13 +62,13 @@ def _loop_step(model, loss_fn, batches, device):
 def hf_loop_dpo_worker(conn, checkpoint, batches, dtype, device):
     """DPO written the plain way on the transformers model: full [2B, T, V] logits, log_softmax, gather."""
     device = torch.device(device)
-    batches = [move(b, device) for b in batches]
+    batches = [b.to(device) for b in batches]
     policy = _load(checkpoint, False, dtype, device)
     ref = _load(checkpoint, False, dtype, device).eval().requires_grad_(False)
 
     def logps(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        labels = batch["labels"][:, 1:]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        labels = batch.labels[:, 1:]
         mask = labels != -100
         token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
         return (token * mask).sum(-1)  # (2B,)
@@ -87,12 +86,12 @@ def hf_loop_dpo_worker(conn, checkpoint, batches, dtype, device):
 def hf_loop_rm_worker(conn, checkpoint, batches, dtype, device):
     """Bradley-Terry on transformers' sequence-classification model."""
     device = torch.device(device)
-    batches = [move(b, device) for b in batches]
+    batches = [b.to(device) for b in batches]
     model = _load(checkpoint, True, dtype, device)
 
     def loss_fn(batch):
         with _autocast(dtype, device):
-            r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            r = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         chosen, rejected = r.squeeze(-1).float().chunk(2)
         return -F.logsigmoid(chosen - rejected).mean()
 

@@ -22,12 +22,12 @@ import time
 import torch
 
 from minialign import load_model, load_tokenizer
-from minialign.collate import collate_pairs, tokenize_pairs
+from minialign.collate import tokenize_pairs
 from minialign.data import load_preferences, prompts_view
-from minialign.dpo import concatenated_logps
 from minialign.evaluation import answer_logprobs
 from minialign.generate import encode_prompts, generate_tokens, row_seeds
-from minialign.losses import dpo_loss
+from minialign.dpo import dpo_loss
+from minialign.packing import answer_logps, collate_pairs
 from minialign.train import build_optimizer
 
 
@@ -71,7 +71,7 @@ def main():
         for m in range(args.grad_accum):
             idx = order[(k * pairs_per_step + m * args.batch_size) % len(order):][:args.batch_size]
             batch = collate_pairs([items[i] for i in idx], tok.pad_token_id)
-            chosen, rejected = concatenated_logps(model, batch)[0].chunk(2)
+            chosen, rejected = answer_logps(model, batch)[:2]
             losses, _, _ = dpo_loss(chosen, rejected, chosen.detach() + 1.0, rejected.detach(), beta=0.1)
             (losses.sum() / pairs_per_step).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,7 +85,7 @@ def main():
 
     def reference():
         with torch.no_grad():
-            concatenated_logps(model, collate_pairs([items[i] for i in order[:args.eval_batch]], tok.pad_token_id))
+            answer_logps(model, collate_pairs([items[i] for i in order[:args.eval_batch]], tok.pad_token_id))
     out["ref_per_pair"] = cpu_seconds(reference, args.repeats) / args.eval_batch
 
     prompts = prompts_view(pairs[400:])[:args.eval_batch]

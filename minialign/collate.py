@@ -1,4 +1,4 @@
-"""From preference pairs to padded tensors: tokenize, truncate, collate.
+"""From preference pairs to token ids: render with the chat template, tokenize, truncate.
 
 A pair is one prompt and two answers. We render it with the chat template twice,
 
@@ -50,8 +50,8 @@ reward.conversation_ids cuts a single (generated) answer's conversation by the s
     the prompts), the summary says so: such pairs keep little more than the template's tail.
 The counts come back in `TokenizeStats`; drops also go to a LoadReport (minialign.data).
 
-Collation stacks chosen then rejected into one right-padded [2B, T] batch (rows 0..B-1
-chosen, B..2B-1 rejected) so both go through the model in one forward pass.
+A TokenizedPair becomes a batch of either layout in packing.py. Prompts for generation are
+left-padded here (collate_prompts).
 
 Shape legend: B pairs in a batch, T padded sequence length, P padded prompt length.
 """
@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .logprobs import IGNORE_INDEX
 
 TRUNCATION_MODES = ("keep_end", "drop")
 # A pair that keeps less than this share of its prompt's tokens counts as "prompt mostly cut".
@@ -200,18 +199,6 @@ def _check_options(max_length, max_prompt_length, truncation) -> None:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")
 
 
-def tokenize_pair(tokenizer, pair, max_length: int | None = None, max_prompt_length: int | None = None,
-                  truncation: str = "keep_end") -> TokenizedPair:
-    """Tokenize one PreferencePair (see the module docstring for labels and truncation).
-
-    Raises PairSkipped (a ValueError naming the pair's line) with reason "over_length" or
-    "not_prefix" when the pair cannot be used.
-    """
-    _check_options(max_length, max_prompt_length, truncation)
-    texts, _ = _pair_texts(tokenizer, pair)
-    return _tokenized(tokenizer, pair, tokenizer.encode_batch(texts), max_length, max_prompt_length, truncation)
-
-
 def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_length: int | None = None,
                    truncation: str = "keep_end", report=None, strict: bool = False
                    ) -> tuple[list[TokenizedPair], TokenizeStats]:
@@ -240,59 +227,6 @@ def tokenize_pairs(tokenizer, pairs, max_length: int | None = None, max_prompt_l
         stats.prompt_mostly_cut += tp.prompt_mostly_cut
     stats.kept = len(kept)
     return kept, stats
-
-
-# ----------------------------------------------------------------------------------------
-# Collation
-
-
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad B pairs into one batch of 2B rows: rows 0..B-1 chosen, B..2B-1 rejected.
-
-    Returns input_ids [2B, T], attention_mask [2B, T] (1 on real tokens), labels [2B, T]
-    (the answer's ids, IGNORE_INDEX on prompt and padding), lengths [2B] (real tokens per row),
-    label_rows and label_cols [N] (labelled_positions); all long. T is the longest row, rounded up
-    to a multiple of pad_to_multiple_of if given.
-    """
-    if not pairs:
-        raise ValueError("collate_pairs: no pairs to collate")
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    T = max(len(prompt) + len(answer) for prompt, answer in rows)
-    if pad_to_multiple_of:
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of  # ceil to a multiple (tensor-core friendly)
-    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)     # (2B, T)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)             # (2B, T)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)        # (2B, T)
-    lengths = torch.zeros(len(rows), dtype=torch.long)                         # (2B,)
-    for r, (prompt, answer) in enumerate(rows):
-        n, m = len(prompt), len(answer)
-        input_ids[r, :n + m] = torch.tensor(prompt + answer, dtype=torch.long)
-        attention_mask[r, :n + m] = 1
-        labels[r, n:n + m] = torch.tensor(answer, dtype=torch.long)  # the prompt stays IGNORE_INDEX
-        lengths[r] = n + m
-    label_rows, label_cols = labelled_positions(labels)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths,
-            "label_rows": label_rows, "label_cols": label_cols}
-
-
-def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [N], cols [N]) of every labelled token that has a predecessor (col >= 1), row-major:
-    the positions the log-probs are read at (logprobs.py, packing.py). Found here, on the CPU,
-    because on a GPU `nonzero` must wait for the device to learn N before the forward can go on."""
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
-    return rows, cols + 1
-
-
-def to_device(batch: dict, device) -> dict:
-    """Every tensor of a batch on `device`. On CUDA each goes through pinned (page-locked) host
-    memory, so that the copy is truly asynchronous: from pageable memory, the host would wait for it."""
-    def move(v):
-        if not torch.is_tensor(v) or v.device == torch.device(device):
-            return v
-        if torch.device(device).type == "cuda" and v.device.type == "cpu":
-            v = v.pin_memory()
-        return v.to(device, non_blocking=True)
-    return {k: move(v) for k, v in batch.items()}
 
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict:

@@ -33,11 +33,11 @@ import torch
 
 from .checkpoint import save_model
 from .cli import ArgumentParser, run_main
-from .collate import collate_pairs, tokenize_pairs
+from .collate import tokenize_pairs
 from .data import PreferencePair, load_preferences
 from .distributed import DistEnv, barrier, print0
 from .errors import UserError
-from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
+from .packing import IGNORE_INDEX, collate_pairs, sequence_logprobs_from_hidden
 from .config import ModelConfig
 from .model import CausalLM, num_parameters
 from .tokenizer import train_bpe_tokenizer
@@ -111,9 +111,9 @@ def train_base_model(pairs: list[PreferencePair], tokenizer, s: BaseModelSetting
         batch = collate_pairs([items[j] for j in batches[i]], tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s.steps, s.lr, warmup_ratio=0.05)
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (2B, T, C)
-        logps_sum, _ = sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch["labels"])  # (2B,)
-        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # answer tokens scored
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)  # (2B, T, C)
+        logps_sum, _ = sequence_logprobs_from_hidden(hidden, model.lm_head.weight, batch.labels)  # (2B,)
+        n_tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum()  # answer tokens scored
         loss = -logps_sum.sum() / n_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -3,10 +3,9 @@
 `init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the
 process group: NCCL on cuda:LOCAL_RANK, gloo on CPU, with a finite timeout so a dead or
 diverged rank ends the job instead of hanging it. The rest are thin, named wrappers of
-torch.distributed collectives, each a no-op in a single process: sums of metrics
-(`all_reduce_sums`), a maximum (`all_reduce_max`), rank 0's objects and tensors on every rank
-(`broadcast_object`, `broadcast_tensors`, `broadcast_parameters`), a `barrier`. Averaging the
-gradients is reducer.py's job.
+torch.distributed collectives, each a no-op in a single process: rank 0's objects and tensors on
+every rank (`broadcast_object`, `broadcast_tensors`, `broadcast_parameters`), a `barrier`.
+Averaging the gradients, and summing a step's metrics over ranks, is reducer.py's job.
 
 Launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT:
     torchrun --nproc_per_node 8 train_dpo.py ...
@@ -151,46 +150,6 @@ def print0(env: DistEnv, *args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def all_reduce_sums(values: dict, env: DistEnv) -> dict[str, float]:
-    """{name: number or 0-d tensor} summed over ranks, as floats; every rank gets the same dict back.
-
-    Ranks send sums and counts (never means), so that e.g. `loss_sum / count` after the
-    reduction is exactly the single-process mean even when ranks saw different counts.
-    All ranks must pass the same keys; they are packed in sorted order into one float64
-    tensor (float64: a sum of many float32 losses keeps its digits), one collective, and fetched
-    to the host in one transfer: on a GPU, the step's one wait for the device (train.train_step).
-    """
-    keys = sorted(values)
-    packed = pack_float64([values[k] for k in keys], env.device)  # (len(keys),)
-    if env.world_size > 1:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    summed = dict(zip(keys, packed.tolist()))
-    return {k: summed[k] for k in values}
-
-
-def pack_float64(values: list, device) -> torch.Tensor:
-    """Numbers and 0-d tensors as one float64 vector on `device`, without waiting for the device:
-    tensors already there are stacked where they are; host numbers travel in one non-blocking copy
-    from pinned memory (a blocking copy would wait for every kernel queued before it)."""
-    device = torch.device(device)
-    on_device = [torch.is_tensor(v) and v.device.type == device.type for v in values]
-    host = torch.tensor([float(v) for v, here in zip(values, on_device) if not here], dtype=torch.float64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    host = iter(host.to(device, non_blocking=True).unbind())  # the host numbers, in order
-    packed = [v.detach().to(torch.float64).reshape(()) if here else next(host) for v, here in zip(values, on_device)]
-    return torch.stack(packed) if packed else torch.zeros(0, dtype=torch.float64, device=device)
-
-
-def all_reduce_max(value: float, env: DistEnv) -> float:
-    """The largest of one number over ranks (e.g. peak memory: the rank closest to its limit)."""
-    if env.world_size == 1:
-        return float(value)
-    t = pack_float64([value], env.device)  # (1,)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's picklable object on every rank (small things: a step number, a list of names).
     Pickle is safe here: the bytes come from our own rank 0, never from a file."""
@@ -248,6 +207,6 @@ def broadcast_parameters(model: nn.Module, env: DistEnv) -> None:
 
 
 __all__ = [
-    "DistEnv", "init_distributed", "cuda_index", "destroy_distributed", "finish_distributed", "barrier", "print0", "all_reduce_sums",
-    "all_reduce_max", "broadcast_object", "gather_objects", "broadcast_tensors", "broadcast_parameters",
+    "DistEnv", "init_distributed", "cuda_index", "destroy_distributed", "finish_distributed", "barrier", "print0",
+    "broadcast_object", "gather_objects", "broadcast_tensors", "broadcast_parameters",
 ]

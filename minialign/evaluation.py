@@ -20,10 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .collate import to_device
-from .dpo import answer_logps
-from .logprobs import IGNORE_INDEX, sequence_logprobs_from_hidden
-from .packing import collate
+from .packing import IGNORE_INDEX, answer_logps, collate, sequence_logprobs_from_hidden
 from .progress import Progress
 
 N_RESAMPLES = 1000      # bootstrap resamples: the 2.5% quantile then rests on ~25 values, stable to ~0.5 pt
@@ -272,7 +269,7 @@ def implicit_rewards(policy, ref_model, items, beta: float, batch_size: int, pad
     with torch.no_grad():  # evaluation only: no graph, half the memory
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = to_device(collate(chunk, pad_token_id, packed=all(it.prompt_ids for it in chunk)), device)
+            batch = collate(chunk, pad_token_id, packed=all(it.prompt_ids for it in chunk)).to(device)
             pc, pr = (t.double() for t in answer_logps(policy, batch)[:2])   # (B,) each, summed log-probs
             rc, rr = (t.double() for t in answer_logps(ref_model, batch)[:2])
             chosen += (beta * (pc - rc)).tolist()
@@ -298,7 +295,7 @@ def answer_logprobs(model, prompt_ids, answer_ids, pad_token_id: int) -> list[fl
     prompt_ids, answer_ids: B id lists each (the prompt exactly as the model saw it when it
     generated, the answer as scored_answer_ids gives it). The rows [x | y] are right-padded into
     one (B, T) batch, labelled on y only (IGNORE_INDEX on prompt and padding), and only the
-    labelled positions are projected onto the vocabulary (logprobs.sequence_logprobs_from_hidden,
+    labelled positions are projected onto the vocabulary (packing.sequence_logprobs_from_hidden,
     fp32). Returns B floats."""
     device = next(model.parameters()).device
     rows = [list(p) + list(a) for p, a in zip(prompt_ids, answer_ids, strict=True)]

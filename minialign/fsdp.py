@@ -11,7 +11,7 @@ each on each of W ranks: every parameter becomes a DTensor cut along dim 0, and
     optimizer step                AdamW on the local shards (its moments are sharded too)
 
 The gradient is the same mean over ranks that GradReducer computes (SUM / W, distributed.py), so
-train.train_step runs unchanged: FSDPGradSync offers GradReducer's three methods. Hand-written
+train.train_step runs unchanged: FSDPGradSync offers GradReducer's four methods. Hand-written
 data parallel stays the default and the one to read; FSDP2 is torch's engine for sharding.
 
 Precision under --dtype bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The fp32
@@ -21,7 +21,7 @@ autocast would cast each gathered fp32 weight into a bf16 copy that autograd kee
 backward, a whole bf16 model on every rank, which is what sharding saves. What changes against
 the autocast path: the residual stream is bf16 (under autocast it stays fp32, because the
 embedding is not autocast). RMSNorm, RoPE and log_softmax still compute in fp32 inside the model
-(model.py, logprobs.py), and the rotary cos/sin enter each layer uncast (cast_forward_inputs
+(model.py, packing.py), and the rotary cos/sin enter each layer uncast (cast_forward_inputs
 False: they are fp32 on purpose; the hidden states are bf16 already).
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     if isinstance(model, RewardModel):  # the scalar head computes in fp32 (model.score_in_fp32): its own unit,
         fully_shard(model.score, mesh=mesh, mp_policy=mixed_precision("fp32", frozen))  # never cast to bf16
     # The root stays gathered after its forward: backward starts with it, and the DPO path reads
-    # model.lm_head.weight after hidden_states returns (dpo.concatenated_logps).
+    # model.lm_head.weight after hidden_states returns (packing.answer_logps).
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if isinstance(model, CausalLM):
         register_fsdp_forward_method(model, "hidden_states")  # gathers the root as forward() would
@@ -145,7 +145,7 @@ def release(model) -> None:
 
 
 class FSDPGradSync:
-    """GradReducer's interface (distributed.py) over FSDP2's own reduce-scatter.
+    """GradReducer's interface (reducer.py) over FSDP2's own reduce-scatter.
 
     By default every micro-step reduce-scatters: each rank keeps only its shard of the gradient,
     summed over micro-steps (sum of means = mean of sums, so the step equals one large batch).
@@ -168,6 +168,11 @@ class FSDPGradSync:
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """GradReducer.clip_grad_norm over the shards: the norm of the full gradient (torch computes
+        it from every rank's shard), returned as a plain 0-d tensor, equal on every rank."""
+        return local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
 
 def gather_model_state(model) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from .precision import default_dtype
 from .resume import full_model_state
 from .run_folder import RunFolder
 from .save_precision import choose_save_dtype
-from .train import describe_setup
+from .training_log import describe_setup
 
 
 def start_run(args, script: str):

@@ -3,7 +3,7 @@
 Training in bf16 means autocast: the model's weights, their gradients and AdamW's moments
 stay fp32 ("master weights"), and inside `autocast_context` every matrix multiply casts its
 operands to bf16 and runs at bf16 speed. Everything numerically delicate stays fp32 on
-purpose (RMSNorm, RoPE, log_softmax: see model.py and logprobs.py). fp16 is not offered: its
+purpose (RMSNorm, RoPE, log_softmax: see model.py and packing.py). fp16 is not offered: its
 5-bit exponent overflows without loss scaling.
 
 A frozen model (DPO's reference) has no gradients and no optimizer state, so it does not need

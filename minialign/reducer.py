@@ -189,6 +189,11 @@ class GradReducer:
                 p.grad = bucket.grad_view(j)
         self.launched = 0
 
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Scale the averaged gradients down to a total L2 norm of at most max_norm, the same on every
+        rank (their gradients are equal after wait()); returns the norm before clipping, 0-d."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
     def remove(self) -> None:
         """Unregister the hooks and drop the gradients (the model can get another reducer)."""
         for h in self.hooks:
@@ -198,4 +203,47 @@ class GradReducer:
             p.grad = None
 
 
-__all__ = ["Bucket", "make_buckets", "GradReducer"]
+# ---------------------------------------------------------------------- numbers over ranks
+# The step's metrics travel the same way as its gradients, as sums (never means) over ranks.
+
+def all_reduce_sums(values: dict, env: DistEnv) -> dict[str, float]:
+    """{name: number or 0-d tensor} summed over ranks, as floats; every rank gets the same dict back.
+
+    Ranks send sums and counts (never means), so that e.g. `loss_sum / count` after the
+    reduction is exactly the single-process mean even when ranks saw different counts.
+    All ranks must pass the same keys; they are packed in sorted order into one float64
+    tensor (float64: a sum of many float32 losses keeps its digits), one collective, and fetched
+    to the host in one transfer: on a GPU, the step's one wait for the device (train.train_step).
+    """
+    keys = sorted(values)
+    packed = pack_float64([values[k] for k in keys], env.device)  # (len(keys),)
+    if env.world_size > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    summed = dict(zip(keys, packed.tolist()))
+    return {k: summed[k] for k in values}
+
+
+def pack_float64(values: list, device) -> torch.Tensor:
+    """Numbers and 0-d tensors as one float64 vector on `device`, without waiting for the device:
+    tensors already there are stacked where they are; host numbers travel in one non-blocking copy
+    from pinned memory (a blocking copy would wait for every kernel queued before it)."""
+    device = torch.device(device)
+    on_device = [torch.is_tensor(v) and v.device.type == device.type for v in values]
+    host = torch.tensor([float(v) for v, here in zip(values, on_device) if not here], dtype=torch.float64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    host = iter(host.to(device, non_blocking=True).unbind())  # the host numbers, in order
+    packed = [v.detach().to(torch.float64).reshape(()) if here else next(host) for v, here in zip(values, on_device)]
+    return torch.stack(packed) if packed else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def all_reduce_max(value: float, env: DistEnv) -> float:
+    """The largest of one number over ranks (e.g. peak memory: the rank closest to its limit)."""
+    if env.world_size == 1:
+        return float(value)
+    t = pack_float64([value], env.device)  # (1,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+__all__ = ["Bucket", "make_buckets", "GradReducer", "all_reduce_sums", "all_reduce_max", "pack_float64"]

@@ -22,10 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import save_tensors
-from .collate import to_device
 from .distributed import DistEnv, barrier, broadcast_object, broadcast_tensors, print0
-from .dpo import answer_logps
-from .packing import collate
+from .packing import answer_logps, collate
 from .precision import autocast_context
 from .progress import Progress
 from .sampler import eval_shard
@@ -75,7 +73,7 @@ def compute_reference_logps(ref_model, items, batch_size: int, env: DistEnv, dty
     # shard scores pair 0 and keeps nothing.
     for i in range(0, math.ceil(len(items) / env.world_size), batch_size):
         idx = mine[i:i + batch_size]
-        batch = to_device(collate([items[j] for j in idx or [0]], pad_id, packed), env.device)
+        batch = collate([items[j] for j in idx or [0]], pad_id, packed).to(env.device)
         with precision:
             chosen, rejected = answer_logps(ref_model, batch)[:2]  # (B,) each
         if not idx:

@@ -237,6 +237,17 @@ def load_training_checkpoint(run: RunFolder, model, optimizer, settings: dict, a
     return state["step"]
 
 
+def resume_step(run: RunFolder, model, optimizer, settings: dict, anyway: bool, env: DistEnv) -> int:
+    """--resume: restore the newest good checkpoint into model and optimizer on every rank and return
+    its step. Rank 0 chooses and reads the checkpoint and every rank receives its state, so ranks
+    on machines with their own disks cannot start from different steps."""
+    step = load_training_checkpoint(run, model, optimizer, settings, anyway, env)
+    if step is None:  # claim() refuses such a run already; never train it again from scratch over its files
+        raise UserError(f"--resume: no checkpoint of this run in {run.checkpoints}; start it again with --overwrite")
+    print0(env, f"resumed at step {step}/{settings['total_steps']}")
+    return step
+
+
 def with_frozen_base(model, trained: dict | None, env: DistEnv) -> dict | None:
     """Rank 0: the full state to restore into a LoRA model, its frozen base as loaded from --model
     (training never changes it) with the checkpoint's trained tensors; None on the other ranks. A

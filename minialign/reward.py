@@ -1,8 +1,15 @@
-"""Reward modelling: the Bradley-Terry objective for the training loop, and scoring of texts.
+"""Reward modelling: the Bradley-Terry loss, the objective for the training loop, and scoring of texts.
 
 A reward model reads a whole conversation (prompt + answer, ending at the answer's end-of-turn
 token, e.g. <|im_end|>) and returns one number, the score head applied to the hidden state of the
-last real token. Training pushes r(chosen) above r(rejected) (losses.bradley_terry_loss).
+last real token (model.RewardModel). Training pushes r(chosen) above r(rejected) under the
+Bradley-Terry model of a human choice: P(chosen preferred) = sigmoid(r_c - r_r).
+
+Precision: a reward difference is computed in at least float32 (bf16 inputs are promoted; a
+float64 unit test gets the float64 formula), and -log sigmoid(x) as -F.logsigmoid(x), exact for
+|x| in the thousands.
+
+Shape legend: B pairs in a batch, T padded length.
 """
 from __future__ import annotations
 
@@ -10,54 +17,82 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .collate import conversation_text, through_last_end_of_turn, to_device
-from .losses import bradley_terry_loss
-from .objective import preference_sums
-from .packing import collate, is_packed, packed_rewards
+from .collate import conversation_text, through_last_end_of_turn
+from .packing import PairBatch, collate, pair_rewards
+
+
+def _precise(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: bf16/fp16 are promoted, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_rewards_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reward-model loss: negative log-likelihood of the human choice under Bradley-Terry.
+
+    Bradley & Terry 1952; Ouyang et al. 2022 eq. 1:  P(c > r) = sigmoid(r_c - r_r),
+    loss = -log sigmoid(r_c - r_r). With a margin m (Touvron et al. 2023, Llama 2, eq. 2):
+    -log sigmoid(r_c - r_r - m), asking the chosen reward to lead by at least about m.
+
+    Centering (Eisenstein et al. 2023, as in TRL's `center_rewards_coefficient`): BT only
+    sees reward differences, so the reward's offset drifts freely; the penalty
+    coef * (r_c + r_r)^2 pulls the rewards of each pair toward zero mean. It is added
+    PER PAIR, so losses.mean() = mean(-log sigmoid(...)) + coef * mean((r_c + r_r)^2),
+    which is exactly TRL's batch formula.
+
+    Args:
+        chosen_rewards, rejected_rewards: [B] scalar rewards.
+        margin: None, a float, or [B] per-pair margins.
+        center_rewards_coef: weight of the centering penalty (0 disables it).
+    Returns:
+        losses [B] (float32, or float64 for float64 inputs), and the two rewards, detached.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"chosen and rejected rewards differ in shape: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}")
+    chosen, rejected = _precise(chosen_rewards), _precise(rejected_rewards)  # (B,) each
+    difference = chosen - rejected                                         # (B,)
+    if margin is not None:
+        difference = difference - torch.as_tensor(margin, dtype=difference.dtype, device=difference.device)
+    losses = -F.logsigmoid(difference)                                     # Ouyang et al. 2022 eq. 1
+    if center_rewards_coef != 0.0:
+        losses = losses + center_rewards_coef * (chosen + rejected) ** 2   # per-pair centering penalty
+    return losses, chosen.detach(), rejected.detach()
+
 
 
 @dataclass
 class RewardObjective:
-    """What train() optimises for a reward model, the Bradley-Terry loss of each pair's two rewards:
-    loss(model, batch) -> (losses (B,), metric sums), summarize(sums) -> the logged means."""
+    """What train() optimises for a reward model, one micro-batch at a time (loss), and the means
+    it logs (summarize)."""
 
     center_rewards_coef: float = 0.0
     margin: float | None = None
     headline = ("loss", "accuracy", "margin")  # metrics printed on the progress line
 
-    def loss(self, model, batch):
+    def loss(self, model, batch: PairBatch):
+        """-> (losses (B,), chosen_rewards (B,), rejected_rewards (B,), metric sums): both rewards
+        from one forward, the Bradley-Terry loss. The loop logs accuracy, margin and ties from the
+        two rewards (train.preference_sums)."""
         chosen, rejected = pair_rewards(model, batch)  # (B,) each
         losses, chosen, rejected = bradley_terry_loss(chosen, rejected, margin=self.margin,
                                                       center_rewards_coef=self.center_rewards_coef)
-        return losses, preference_sums(chosen, rejected)
+        return losses, chosen, rejected, {}
 
-    def summarize(self, sums: dict) -> dict[str, float]:
-        return summarize_rewards(sums)
-
-
-def pair_rewards(model, batch):
-    """(chosen, rejected) rewards, (B,) each, read at each answer's last token (its end of turn):
-    from one packed row per pair (packing.packed_rewards, the prompt computed once) or from the
-    [2B, T] batch, chosen rows first."""
-    if is_packed(batch):
-        return packed_rewards(model, batch)
-    # The rows are right-padded: causal attention alone is exact for every real token, so no mask
-    # (SDPA's flash kernel, and no host sync to check the padding); each reward is read at its row's
-    # last real token, as RewardModel.forward reads it.
-    last = batch["lengths"] - 1  # (2B,)
-    return model.rewards_at(batch["input_ids"], None, last[:, None])[:, 0].chunk(2)  # (2B,) -> (B,), (B,)
-
-
-def summarize_rewards(s: dict) -> dict[str, float]:
-    """Logged means of the reward model's metric sums (objective.preference_sums)."""
-    n = max(s["pairs"], 1)
-    mean = (s["chosen_reward"] + s["rejected_reward"]) / (2 * n)
-    return {
-        "loss": s["loss"] / n, "accuracy": s["correct"] / n, "ties": s["ties"] / n, "margin": s["margin"] / n,
-        "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n,
-        "reward_mean": mean, "reward_std": math.sqrt(max(s["reward_sq"] / (2 * n) - mean**2, 0.0)),
-    }
+    def summarize(self, s: dict) -> dict[str, float]:
+        """Logged means of the metric sums over the global batch (train.preference_sums')."""
+        n = max(s["pairs"], 1)
+        mean = (s["chosen_reward"] + s["rejected_reward"]) / (2 * n)
+        return {
+            "loss": s["loss"] / n, "accuracy": s["correct"] / n, "ties": s["ties"] / n, "margin": s["margin"] / n,
+            "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n,
+            "reward_mean": mean, "reward_std": math.sqrt(max(s["reward_sq"] / (2 * n) - mean**2, 0.0)),
+        }
 
 
 def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int | None = None,
@@ -109,7 +144,7 @@ def score_pairs(reward_model, items, pad_token_id: int) -> list[tuple[float, flo
     once (packing.py; two rows per pair if a prompt is empty, which packing cannot hold). The same
     numbers as scoring each conversation in its own row, to rounding (tests/test_evaluate_cli.py)."""
     device = next(reward_model.parameters()).device
-    batch = to_device(collate(items, pad_token_id, packed=all(it.prompt_ids for it in items)), device)
+    batch = collate(items, pad_token_id, packed=all(it.prompt_ids for it in items)).to(device)
     chosen, rejected = pair_rewards(reward_model, batch)  # (B,) each
     return list(zip(chosen.tolist(), rejected.tolist()))
 

@@ -12,11 +12,14 @@ Randomness: Python's random.Random seeded with the string "seed/epoch" (strings 
 hashed with SHA-512, so the seed is the same in every process and Python version, and
 seed 1 epoch 0 differs from seed 0 epoch 1 - which a plain seed + epoch would not).
 
-Pure Python: indices in, lists of indices out; the caller collates them.
+Pure Python: indices in, lists of indices out; the caller collates them (packing.make_batch).
 """
 from __future__ import annotations
 
+import math
 import random
+
+from .errors import UserError
 
 DEFAULT_BATCHES_PER_GROUP = 16  # k: global batches per length-sorted mega-group (see global_batches)
 
@@ -95,7 +98,7 @@ def eval_shard(n: int, rank: int, world_size: int) -> list[int]:
     """Indices rank evaluates: rank, rank + world, rank + 2 world, ... (disjoint, together all of range(n)).
 
     Ranks may get counts differing by one; no example is padded in or repeated, so that
-    reducing sums and counts with all_reduce_sums gives exactly the single-process metrics.
+    reducing sums and counts with reducer.all_reduce_sums gives exactly the single-process metrics.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -109,4 +112,49 @@ def padding_fraction(batches_of_lengths) -> float:
     return 1.0 - real / slots if slots else 0.0
 
 
-__all__ = ["global_batches", "rank_micro_batches", "eval_shard", "padding_fraction", "batches_per_epoch"]
+class StepPlan:
+    """Which pairs every optimizer step of a run takes: a function of (seed, epoch) (global_batches),
+    so the step number alone says where a run is, and a resumed run takes exactly the same batches.
+
+    batch_size pairs per rank per micro-step, grad_accum micro-steps, world_size ranks: a global
+    batch of G = batch_size * grad_accum * world_size pairs per step. total: max_steps if given,
+    else epochs (a float) of whole global batches. lengths: per-pair row lengths to group by."""
+
+    def __init__(self, n_pairs: int, batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                 epochs: float = 1.0, max_steps: int | None = None, lengths=None):
+        self.n, self.grad_accum, self.rank, self.world_size = n_pairs, grad_accum, rank, world_size
+        self.seed, self.lengths = seed, lengths
+        self.global_batch = batch_size * grad_accum * world_size
+        self.steps_per_epoch = batches_per_epoch(n_pairs, self.global_batch)
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"{n_pairs} training pairs do not fill one global batch of {self.global_batch} (--batch_size "
+                f"{batch_size} x --grad_accum {grad_accum} x {world_size} ranks): lower --batch_size "
+                f"or --grad_accum, or give more data")
+        self.total = max_steps or max(1, int(epochs * self.steps_per_epoch))
+        self._epoch, self._batches = None, None
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's grad_accum lists of pair indices for optimizer step `step`."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # the epoch's global batches, computed once per epoch
+            self._epoch = epoch
+            self._batches = global_batches(self.n, self.global_batch, self.seed, epoch, self.lengths)
+        return rank_micro_batches(self._batches[in_epoch], self.rank, self.world_size, self.grad_accum)
+
+    def pairs_used(self) -> list[int]:
+        """Sorted indices of the training pairs that some step of the run takes: every pair of the
+        first epochs the run covers, fewer when max_steps ends it within an epoch (each epoch drops
+        its n mod G tail, so a run may skip a few pairs even then). What must be precomputed per
+        pair (DPO's reference log-probs) is needed for these alone."""
+        used: set[int] = set()
+        for epoch in range(math.ceil(self.total / self.steps_per_epoch)):
+            steps = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
+            for batch in global_batches(self.n, self.global_batch, self.seed, epoch, self.lengths)[:steps]:
+                used.update(batch)
+            if len(used) == self.n:
+                break
+        return sorted(used)
+
+
+__all__ = ["StepPlan", "global_batches", "rank_micro_batches", "eval_shard", "padding_fraction", "batches_per_epoch"]

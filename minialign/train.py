@@ -1,13 +1,14 @@
 """The training loop shared by train_rm.py and train_dpo.py.
 
-What differs between reward modelling and DPO is one function, the objective's
-`loss(model, batch)`, which returns the loss of every pair of a micro-batch (objective.py).
-Everything else lives here once, and the heart of it is `train_step`:
+What differs between reward modelling and DPO is one method, the objective's
+`loss(model, batch)` (reward.RewardObjective, dpo.DPOObjective), which returns the loss of every
+pair of a micro-batch and the two rewards of each pair. Everything else lives here once, and the
+heart of it is `train_step`:
 
-    for each of A micro-batches of this rank (B pairs each, chosen and rejected rows):
-        losses = objective.loss(model, batch)             (B,)
+    for each of A micro-batches of this rank (B pairs each, packing.PairBatch):
+        losses, ... = objective.loss(model, batch)        (B,)
         (losses.sum() / pairs_this_step).backward()        grads accumulate locally
-    all-reduce gradients: SUM over W ranks, / W            (overlaps the last backward)
+    all-reduce gradients: SUM over W ranks, / W            (reducer.py; overlaps the last backward)
     clip, check finite on every rank at once, AdamW step
 
 Why this is the global-batch mean: each rank divides by the pairs it sees in the step
@@ -16,31 +17,31 @@ Why this is the global-batch mean: each rank divides by the pairs it sees in the
 the mean over the global batch of G = W * A * B pairs: accumulation equals a larger batch and
 W ranks equal one process.
 
-`train` around it is bookkeeping: which pairs each step takes (sampler.py), the learning
-rate, logging, evaluation, checkpoints and resume (resume.py, run_folder.py).
+`train` around it is the loop: which pairs each step takes (sampler.StepPlan), the learning
+rate, evaluation, checkpoints (resume.py); what it prints and logs is training_log.py's.
 """
 from __future__ import annotations
 
-import json
 import math
-import resource
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .collate import to_device
-from .distributed import DistEnv, all_reduce_max, all_reduce_sums, print0
-from .errors import NonFiniteError, UserError
-from .fsdp import is_sharded, local_value
-from .objective import Objective
-from .packing import collate, packed_length, row_length
+from .distributed import DistEnv, print0
+from .dpo import DPOObjective
+from .errors import NonFiniteError
+from .fsdp import FSDPGradSync, is_sharded
+from .packing import PairBatch, make_batch, row_length
 from .precision import autocast_context
-from .progress import format_duration
-from .resume import load_training_checkpoint, save_training_checkpoint
+from .reducer import GradReducer, all_reduce_sums
+from .resume import resume_step, save_training_checkpoint
+from .reward import RewardObjective
 from .run_folder import RunFolder
-from .sampler import eval_shard, global_batches, padding_fraction, rank_micro_batches
+from .sampler import StepPlan, eval_shard
+from .training_log import TrainingLog, describe_plan, nonfinite_message, phase_peak_mb
+
+Objective = DPOObjective | RewardObjective
+GradSync = GradReducer | FSDPGradSync
 
 
 @dataclass
@@ -97,28 +98,55 @@ def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> fl
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_step(model, objective: Objective, micro_batches: list[dict], optimizer, grad_sync, lr: float,
-               max_grad_norm: float, precision, env: DistEnv) -> dict[str, float]:
+def preference_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """Sums over B pairs of what both objectives log, from each pair's two rewards (a learned reward,
+    or DPO's implicit reward beta * log(pi / pi_ref)); rewards (B,) each, detached here. Sums, never
+    means, travel between ranks, so that a mean over the global batch is exact whatever the split.
+
+    Accuracy is strict: a pair counts as correct only when chosen > rejected, so a model that
+    scores every answer the same has accuracy 0 and ties 1, never a flattering 0.5."""
+    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "pairs": chosen.shape[0],
+        "correct": (chosen > rejected).sum(),
+        "ties": (chosen == rejected).sum(),
+        "margin": (chosen - rejected).sum(),
+        "chosen_reward": chosen.sum(),
+        "rejected_reward": rejected.sum(),
+        "reward_sq": chosen.pow(2).sum() + rejected.pow(2).sum(),  # for the std of all 2B rewards
+    }
+
+
+def batch_sums(objective: Objective, model, batch: PairBatch) -> tuple[torch.Tensor, dict]:
+    """The objective on one micro-batch -> (losses (B,), metric sums: the loss, the tokens, the two
+    rewards' preference_sums and the objective's own)."""
+    losses, chosen_rewards, rejected_rewards, own = objective.loss(model, batch)  # (B,) each
+    return losses, {"loss": losses.detach().sum(), "tokens": batch.num_tokens,
+                    **preference_sums(chosen_rewards, rejected_rewards), **own}
+
+
+def train_step(model, objective: Objective, micro_batches: list[PairBatch], optimizer, grad_sync: GradSync,
+               lr: float, max_grad_norm: float, precision, env: DistEnv) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches (the module docstring's pseudo-code).
 
-    grad_sync is the gradient synchronisation (reducer.GradReducer, or FSDP's); returns the
-    metric sums over the global batch, with the gradient norm before clipping."""
+    grad_sync is the gradient synchronisation (reducer.GradReducer, or fsdp.FSDPGradSync); returns
+    the metric sums over the global batch, with the gradient norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    pairs = sum(len(b["pair_index"]) for b in micro_batches)  # this rank's pairs in the step: B * A
+    pairs = sum(b.num_pairs for b in micro_batches)  # this rank's pairs in the step: B * A
     sums: dict = {}
     for i, batch in enumerate(micro_batches):
         grad_sync.set_sync(i == len(micro_batches) - 1)  # communicate once, after the last backward
         with precision:
-            losses, metric_sums = objective.loss(model, batch)  # (B,)
+            losses, metric_sums = batch_sums(objective, model, batch)  # (B,)
         (losses.sum() / pairs).backward()  # the mean over this rank's pairs (see module docstring)
-        accumulate(sums, {"loss": losses.detach().sum(), "tokens": batch["num_tokens"], **metric_sums})
+        accumulate(sums, metric_sums)
     grad_sync.wait()  # gradients are now the global-batch mean on every rank
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = grad_sync.clip_grad_norm(max_grad_norm)
     # One collective sums the metrics over ranks; the loss total and the gradient norm in it are
     # then the same on every rank, so all ranks agree to stop before a non-finite step.
     # This is the step's one wait for the GPU (the values must reach the host to be checked).
-    sums = all_reduce_sums({**sums, "grad_norm": local_value(grad_norm) / env.world_size}, env)
+    sums = all_reduce_sums({**sums, "grad_norm": grad_norm / env.world_size}, env)
     if not (math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"])):
         raise FloatingPointError("loss" if not math.isfinite(sums["loss"]) else "gradient norm")
     optimizer.step()
@@ -127,22 +155,21 @@ def train_step(model, objective: Objective, micro_batches: list[dict], optimizer
 
 
 def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig, env: DistEnv, tokenizer,
-          grad_sync, run: RunFolder, optimizer=None) -> tuple[dict | None, list[dict]]:
+          grad_sync: GradSync, run: RunFolder, optimizer=None) -> tuple[dict | None, list[dict]]:
     """Train for cfg's steps, evaluating and checkpointing as configured; returns the final eval
     metrics (None without eval pairs) and every logged record. train_items / eval_items are
-    collate.TokenizedPair lists; grad_sync is reducer.GradReducer (or FSDP's); run is the
-    claimed run folder (run_folder.py)."""
+    collate.TokenizedPair lists; run is the claimed run folder (run_folder.py)."""
     optimizer = optimizer or build_optimizer(model, cfg.lr, cfg.weight_decay)
     # Sharded, FSDP's MixedPrecisionPolicy computes in bf16 already: autocast on top would keep a
     # bf16 copy of every gathered weight until backward (fsdp.py).
     precision = autocast_context("fp32" if is_sharded(model) else cfg.dtype, env.device)
     plan = step_plan(train_items, cfg, env)
-    print0(env, plan.describe(train_items))
-    step = resume_if_asked(run, model, optimizer, cfg, plan, env)
-    # From here on each record's peak_memory_mb is the peak of its own phase (a step, an eval).
+    print0(env, describe_plan(plan, train_items, cfg.prefix_sharing))
+    # Recorded in every checkpoint and compared on resume: what a resumed run must share with its start.
+    settings = {**cfg.run_settings, "global_batch": plan.global_batch, "total_steps": plan.total}
+    step = resume_step(run, model, optimizer, settings, cfg.resume_anyway, env) if cfg.resume else 0
     print0(env, f"setup peak memory {phase_peak_mb(env):.0f} MB (loading, reference, resume; max over ranks)")
-    log = MetricsLog(run.path, env.is_main, resume_step=step if cfg.resume else None)
-    clock = Clock(step, plan.total)
+    log = TrainingLog(run, env, objective.headline, plan, step, cfg.resume, cfg.log_every)
     eval_metrics = None
     while step < plan.total:
         batches = [make_batch(train_items, ids, tokenizer.pad_token_id, "train", env.device, cfg.prefix_sharing,
@@ -151,115 +178,26 @@ def train(model, objective: Objective, train_items, eval_items, cfg: TrainConfig
         try:
             sums = train_step(model, objective, batches, optimizer, grad_sync, lr, cfg.max_grad_norm, precision, env)
         except FloatingPointError as what:
-            raise NonFiniteError(nonfinite_message(str(what), step, run, cfg)) from None
+            raise NonFiniteError(nonfinite_message(str(what), step, run, cfg.lr, cfg.run_settings)) from None
         step += 1
-        record = {"step": step, "split": "train", **objective.summarize(sums), "lr": lr,
-                  "grad_norm": sums["grad_norm"], "epoch": step / plan.steps_per_epoch, **clock.tick(step, sums["tokens"]),
-                  "peak_memory_mb": phase_peak_mb(env)}
-        log.write(record)
-        if (cfg.log_every and step % cfg.log_every == 0) or step == plan.total:
-            print0(env, progress_line(record, objective.headline, plan.total, clock))
+        log.step(step, objective.summarize(sums), lr, sums["grad_norm"], sums["tokens"])
         if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < plan.total:
             eval_metrics = evaluate(model, objective, eval_items, cfg, env, tokenizer.pad_token_id, precision)
-            log.write({"step": step, "split": "eval", **eval_metrics, "peak_memory_mb": phase_peak_mb(env)})
-            print0(env, "eval  " + format_metrics(eval_metrics))
+            log.eval(step, eval_metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < plan.total:
-            save_checkpoint(run, step, model, optimizer, tokenizer, cfg, plan, env)
+            save_training_checkpoint(run, step, model, optimizer, tokenizer, settings, cfg.save_total_limit, env)
             phase_peak_mb(env)  # the save's peak (a sharded model's state gathered to rank 0) is not the next step's
     if eval_items:
         eval_metrics = evaluate(model, objective, eval_items, cfg, env, tokenizer.pad_token_id, precision)
-        log.write({"step": step, "split": "eval", **eval_metrics, "peak_memory_mb": phase_peak_mb(env)})
-        print0(env, "final eval  " + format_metrics(eval_metrics))
+        log.eval(step, eval_metrics, final=True)
     return eval_metrics, log.records
-
-
-# ------------------------------------------------------------------------- around the step
-
-class StepPlan:
-    """Which pairs every optimizer step takes: a function of (seed, epoch) (sampler.py), so the
-    step number alone says where a run is, and a resumed run takes exactly the same batches."""
-
-    def __init__(self, n_pairs: int, cfg: TrainConfig, env: DistEnv, lengths=None):
-        self.n, self.cfg, self.env, self.lengths = n_pairs, cfg, env, lengths
-        self.global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
-        self.steps_per_epoch = n_pairs // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"{n_pairs} training pairs do not fill one global batch of {self.global_batch} (--batch_size "
-                f"{cfg.batch_size} x --grad_accum {cfg.grad_accum} x {env.world_size} ranks): lower --batch_size "
-                f"or --grad_accum, or give more data")
-        self.total = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
-        self._epoch, self._batches = None, None
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's grad_accum lists of pair indices for optimizer step `step`."""
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:  # the epoch's global batches, computed once per epoch
-            self._epoch = epoch
-            self._batches = global_batches(self.n, self.global_batch, self.cfg.seed, epoch, self.lengths)
-        return rank_micro_batches(self._batches[in_epoch], self.env.rank, self.env.world_size, self.cfg.grad_accum)
-
-    def pairs_used(self) -> list[int]:
-        """Sorted indices of the training pairs that some step of the run takes: every pair of the
-        first epochs the run covers, fewer when --max_steps ends it within an epoch (each epoch
-        drops its n mod G tail, so a run may skip a few pairs even then). What must be precomputed
-        per pair (DPO's reference log-probs) is needed for these alone."""
-        used: set[int] = set()
-        for epoch in range(math.ceil(self.total / self.steps_per_epoch)):
-            steps = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
-            for batch in global_batches(self.n, self.global_batch, self.cfg.seed, epoch, self.lengths)[:steps]:
-                used.update(batch)
-            if len(used) == self.n:
-                break
-        return sorted(used)
-
-    def describe(self, items) -> str:
-        """One line: pairs, global batch, steps, and the share of batch slots that is padding."""
-        first = global_batches(self.n, self.global_batch, self.cfg.seed, 0, self.lengths)
-        def rows(i):  # the real lengths of the rows pair i fills: one packed row, or chosen and rejected
-            it = items[i]
-            if self.cfg.prefix_sharing:
-                return [packed_length(it)]
-            return [len(it.prompt_ids) + len(it.chosen_ids), len(it.prompt_ids) + len(it.rejected_ids)]
-
-        batches = [[n for i in mb for n in rows(i)] for b in first for r in range(self.env.world_size)
-                   for mb in rank_micro_batches(b, r, self.env.world_size, self.cfg.grad_accum)]
-        per_pair = sum(map(sum, batches)) / sum(len(b) for b in first)
-        layout = "one row [prompt | chosen | rejected] per pair" if self.cfg.prefix_sharing else "two rows per pair"
-        return (f"{self.n} training pairs, global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
-                f"{self.total} steps; {layout}, {per_pair:.0f} token positions per pair; padding "
-                f"{100 * padding_fraction(batches):.1f}% of batch slots{' (grouped by length)' if self.lengths else ''}")
-
-
-CUDA_PAD_MULTIPLE = 8  # bf16 tensor cores work on multiples of 8 (and the mask's rows are then aligned already)
-
-
-def pad_multiple(asked: int | None, device) -> int | None:
-    """The multiple batches are padded to: --pad_to_multiple_of if given, else 8 on CUDA (a packed
-    row's mask would otherwise be padded to it inside SDPA, again in every layer), else none."""
-    return asked or (CUDA_PAD_MULTIPLE if torch.device(device).type == "cuda" else None)
 
 
 def step_plan(train_items, cfg: TrainConfig, env: DistEnv) -> StepPlan:
     """The run's StepPlan over these training pairs (length-grouped when cfg.group_by_length)."""
     lengths = [row_length(it, cfg.prefix_sharing) for it in train_items] if cfg.group_by_length else None
-    return StepPlan(len(train_items), cfg, env, lengths)
-
-
-def make_batch(items, indices: list[int], pad_id: int, split: str, device, packed: bool = False,
-               pad_to_multiple_of=None) -> dict:
-    """Collate the tokenized pairs `indices` of a split into one batch on the device: one row per
-    pair with prefix sharing (packing.collate_packed), else chosen and rejected rows
-    (collate.collate_pairs). Besides the tensors, the batch says where its pairs come from —
-    `split` and `pair_index` (B,) — so that an objective can look up values computed per pair
-    beforehand (DPO's precomputed reference log-probs), and how many real tokens it holds. The
-    length is rounded up to pad_to_multiple_of, by default 8 on CUDA (pad_multiple)."""
-    batch = collate([items[i] for i in indices], pad_id, packed, pad_multiple(pad_to_multiple_of, device))
-    batch["pair_index"] = torch.tensor(indices, dtype=torch.long)
-    batch["num_tokens"] = batch["lengths"].sum()
-    batch = to_device(batch, device)
-    batch["split"] = split
-    return batch
+    return StepPlan(len(train_items), cfg.batch_size, cfg.grad_accum, env.rank, env.world_size, cfg.seed,
+                    cfg.epochs, cfg.max_steps, lengths)
 
 
 @torch.no_grad()
@@ -280,8 +218,8 @@ def evaluate(model, objective: Objective, items, cfg: TrainConfig, env: DistEnv,
         weight = 1.0 if ids else 0.0
         batch = make_batch(items, ids or [0], pad_id, "eval", env.device, cfg.prefix_sharing, cfg.pad_to_multiple_of)
         with precision:
-            losses, metric_sums = objective.loss(model, batch)
-        accumulate(sums, {k: weight * v for k, v in {"loss": losses.sum(), **metric_sums}.items()})
+            _, metric_sums = batch_sums(objective, model, batch)
+        accumulate(sums, {k: weight * v for k, v in metric_sums.items()})
     sums = all_reduce_sums(sums, env)
     model.train(was_training)
     return objective.summarize(sums)
@@ -293,136 +231,5 @@ def accumulate(sums: dict, values: dict):
         sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
 
 
-def resume_if_asked(run: RunFolder, model, optimizer, cfg: TrainConfig, plan: StepPlan, env: DistEnv) -> int:
-    """The step to start from: 0, or the latest good checkpoint's step under --resume. Rank 0
-    chooses and reads the checkpoint and every rank receives its state (resume.py), so ranks
-    on machines with their own disks cannot start from different steps."""
-    if not cfg.resume:
-        return 0
-    settings = {**cfg.run_settings, "global_batch": plan.global_batch, "total_steps": plan.total}
-    step = load_training_checkpoint(run, model, optimizer, settings, cfg.resume_anyway, env)
-    if step is None:  # claim() refuses such a run already; never train it again from scratch over its files
-        raise UserError(f"--resume: no checkpoint of this run in {run.checkpoints}; start it again with --overwrite")
-    print0(env, f"resumed at step {step}/{plan.total}")
-    return step
-
-
-def save_checkpoint(run: RunFolder, step: int, model, optimizer, tokenizer, cfg: TrainConfig, plan: StepPlan, env):
-    settings = {**cfg.run_settings, "global_batch": plan.global_batch, "total_steps": plan.total}
-    save_training_checkpoint(run, step, model, optimizer, tokenizer, settings, cfg.save_total_limit, env)
-
-
-# The objective's flags that scale the loss or its gradient: with --lr, the likely cause of a
-# non-finite loss (--beta 1e300 overflows the sigmoid's argument), named with their values.
-LOSS_SCALE_FLAGS = ("beta", "simpo_gamma", "rpo_alpha", "margin", "center_rewards_coef")
-
-
-def nonfinite_message(what: str, step: int, run: RunFolder, cfg: TrainConfig) -> str:
-    ckpt = run.latest_checkpoint_name()
-    where = f"the last good checkpoint is {run.checkpoints / ckpt}" if ckpt else "no checkpoint was written yet"
-    flags = [f"--lr {cfg.lr:g}"] + [f"--{k} {cfg.run_settings[k]:g}" for k in LOSS_SCALE_FLAGS
-                                     if isinstance(cfg.run_settings.get(k), (int, float))]
-    return (f"non-finite {what} at step {step + 1} with {' '.join(flags)}; training stopped, {where}. A value "
-            f"too large among these is the likely cause: lower it (or check the data)")
-
-
-def describe_setup(model, env: DistEnv, dtype: str) -> str:
-    """The start-up line: where the run runs, on what, in which precision."""
-    n = sum(p.numel() for p in model.parameters())  # a sharded parameter counts its full size
-    cfg = model.config
-    ranks = f"{env.world_size} ranks ({'nccl' if env.device.type == 'cuda' else 'gloo'})" if env.world_size > 1 else "1 process"
-    sharded = is_sharded(model)
-    precision = {(False, "bf16"): " (autocast; fp32 master weights)",
-                 (True, "bf16"): " (gathered in bf16; fp32 master shards)"}.get((sharded, dtype), "")
-    return (f"{type(model).__name__.removeprefix('FSDP')} {cfg.model_type}, {cfg.num_hidden_layers} layers, "
-            f"{n:,} parameters | device {env.device.type}, {ranks}{', FSDP2 sharded' if sharded else ''} | "
-            f"dtype {dtype}{precision} | memory after loading {peak_memory_mb(env.device):.0f} MB")
-
-
-CLEAR_PEAK_RSS = "/proc/self/clear_refs"  # writing "5" here resets Linux's peak resident set of this process
-
-
-def peak_memory_mb(device, reset: bool = False) -> float:
-    """Peak memory of this process since the last reset: the CUDA allocator's peak, or on CPU the
-    peak resident set (reset through /proc on Linux; elsewhere it stays the peak since the start)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    if reset:
-        try:
-            Path(CLEAR_PEAK_RSS).write_text("5")
-        except OSError:
-            pass
-    return peak
-
-
-def phase_peak_mb(env: DistEnv) -> float:
-    """The peak since the previous call, max over ranks (the rank closest to its limit); resets it."""
-    return all_reduce_max(peak_memory_mb(env.device, reset=True), env)
-
-
-class Clock:
-    """Elapsed time, tokens per second of the last step (all ranks) and the ETA."""
-
-    def __init__(self, first_step: int, total: int):
-        self.start = self.last = time.time()
-        self.first_step, self.total = first_step, total
-
-    def tick(self, step: int, tokens: float) -> dict:
-        now = time.time()
-        out = {"tokens_per_s": tokens / max(now - self.last, 1e-9), "elapsed_s": now - self.start,
-               "eta_s": (now - self.start) / (step - self.first_step) * (self.total - step)}
-        self.last = now
-        return out
-
-
-def format_metrics(metrics: dict) -> str:
-    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def progress_line(record: dict, headline, total: int, clock: Clock) -> str:
-    heads = " | ".join(f"{k} {record[k]:.4f}" for k in headline if k in record)
-    return (f"step {record['step']}/{total} | {heads} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
-            f" | {format_duration(record['elapsed_s'])} elapsed | ETA {format_duration(record['eta_s'])}")
-
-
-class MetricsLog:
-    """metrics.jsonl in the run folder: one JSON record per train step and per eval (rank 0 only).
-
-    On resume, the records after the checkpoint's step are dropped (those steps are redone), and
-    a last line cut short by a crash is dropped too."""
-
-    def __init__(self, folder: Path, enabled: bool, resume_step: int | None):
-        self.path = Path(folder) / "metrics.jsonl"
-        self.enabled = enabled
-        self.records = []
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            self.records = [r for r in read_records(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict):
-        if self.enabled:
-            self.records.append(record)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON records of a metrics.jsonl; a line that is not JSON (a write cut short by a
-    crash) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in records if isinstance(r, dict) and "step" in r]
-
-
-__all__ = ["TrainConfig", "train", "train_step", "describe_setup", "evaluate", "build_optimizer", "learning_rate", "make_batch",
-           "MetricsLog", "read_records"]
+__all__ = ["TrainConfig", "Objective", "train", "train_step", "evaluate", "build_optimizer", "learning_rate",
+           "preference_sums", "step_plan"]

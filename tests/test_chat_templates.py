@@ -20,11 +20,11 @@ import minialign
 import minialign.chat_jinja as chat_jinja
 from conftest import TINY_CORPUS, write_arithmetic_preferences
 from minialign.chat_jinja import ChatTemplateError, JinjaChatTemplate
-from minialign.collate import PairSkipped, collate_pairs, tokenize_pair, tokenize_pairs
+from minialign.collate import PairSkipped, tokenize_pairs
 from minialign.config import ModelConfig
 from minialign.data import PreferencePair
 from minialign.errors import UserError
-from minialign.logprobs import IGNORE_INDEX
+from minialign.packing import IGNORE_INDEX, collate_pairs
 from minialign.model import CausalLM
 from minialign.reward import conversation_ids
 from minialign.tokenizer import CHAT_FORMATS, CHATML_TEMPLATE, load_tokenizer
@@ -54,6 +54,11 @@ PARAGRAPHS = ["One paragraph\n\nAnother paragraph\n\n"] * 20  # "\n\n" becomes o
 # `pip install -e ".[test]"` installs jinja2; without it these tests skip, except the one that checks the error.
 needs_jinja2 = pytest.mark.skipif(importlib.util.find_spec("jinja2") is None, reason="jinja2 not installed")
 FROZEN_NOW = datetime.datetime.fromisoformat(GOLDEN["now"])  # the clock the fixture was rendered with
+
+
+def tokenize_one(tok, pair, **options):
+    """One pair through tokenize_pairs, raising PairSkipped instead of dropping it."""
+    return tokenize_pairs(tok, [pair], strict=True, **options)[0][0]
 
 
 class FrozenDatetime(datetime.datetime):
@@ -166,17 +171,17 @@ def test_answers_are_labelled_through_their_own_end_of_turn(name, tokenizers, fr
     rendered answer lacks: that pair is built after the generation prompt, and counted."""
     tok = tokenizers[name]
     pair = PreferencePair(prompt=PROMPT, chosen="The capital of France is Paris.", rejected="I am fine", line=3)
-    tp = tokenize_pair(tok, pair)
+    tp = tokenize_one(tok, pair)
     eot = tok.token_to_id(END_OF_TURN[name])
     assert tp.chosen_ids == tok.encode(pair.chosen) + [eot]
     assert tp.rejected_ids == tok.encode(pair.rejected) + [eot]
     assert tok.decode(tp.prompt_ids) == tok.apply_chat_template(PROMPT, add_generation_prompt=True)
     batch = collate_pairs([tp], tok.pad_token_id)
     for row, answer in enumerate((tp.chosen_ids, tp.rejected_ids)):
-        n = int(batch["lengths"][row])
-        assert batch["input_ids"][row, n - 1] == eot and batch["labels"][row, n - 1] == eot
-        assert (batch["labels"][row, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
-        assert batch["labels"][row, len(tp.prompt_ids):n].tolist() == answer
+        n = int(batch.lengths[row])
+        assert batch.input_ids[row, n - 1] == eot and batch.labels[row, n - 1] == eot
+        assert (batch.labels[row, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
+        assert batch.labels[row, len(tp.prompt_ids):n].tolist() == answer
     # The reward model scores generated answers on exactly the sequence it was trained on.
     assert conversation_ids(tok, PROMPT, pair.chosen) == tp.prompt_ids + tp.chosen_ids
     _, stats = tokenize_pairs(tok, [pair])
@@ -192,7 +197,7 @@ def test_deepseek_reasoning_in_earlier_turns_keeps_the_prompt_a_prefix(tokenizer
     tok = tokenizers["deepseek_r1_distill_qwen"]
     prompt = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>r</think>A1"},
               {"role": "user", "content": "Q2"}]
-    tp = tokenize_pair(tok, PreferencePair(prompt, "step</think>Paris.", "No.", line=1))
+    tp = tokenize_one(tok, PreferencePair(prompt, "step</think>Paris.", "No.", line=1))
     assert tok.decode(tp.prompt_ids).endswith("<｜User｜>Q1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>Q2"
                                               "<｜Assistant｜><think>\n")
     assert tok.decode(tp.chosen_ids) == "step</think>Paris.<｜end▁of▁sentence｜>"
@@ -204,7 +209,7 @@ def test_not_prefix_skip_names_the_template(tokenizers):
     tok = tokenizers["chatml_m"]
     with pytest.raises(PairSkipped, match=r"not_prefix: with the chat template of .*tokenizer_config.json "
                                           r"\(rendered by Jinja\), the prompt's tokens"):
-        tokenize_pair(tok, PreferencePair([{"role": "user", "content": "Hi"}], "\n\nParis", "No.", line=5))
+        tokenize_one(tok, PreferencePair([{"role": "user", "content": "Hi"}], "\n\nParis", "No.", line=5))
 
 
 # ------------------------------------------------------------------ the Jinja environment

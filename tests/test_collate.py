@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from minialign.collate import (
-    PairSkipped, TokenizedPair, collate_pairs, collate_prompts,
-    tokenize_pair, tokenize_pairs,
+    PairSkipped, TokenizedPair, collate_prompts,
+    tokenize_pairs,
 )
 from minialign.data import LoadReport, PreferencePair
-from minialign.logprobs import IGNORE_INDEX
+from minialign.packing import IGNORE_INDEX, collate_pairs
 from minialign.tokenizer import load_tokenizer
 
 I = IGNORE_INDEX
@@ -23,6 +23,11 @@ SHARED = Path(os.environ.get("MINIALIGN_SHARED", Path(__file__).resolve().parent
 QWEN3_DIR = SHARED / "data" / "qwen3-tokenizer"
 HH_FILE = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 IM_END_TINY = 2  # <|im_end|> in the tiny tokenizer (see conftest)
+
+
+def tokenize_one(tok, pair, **options):
+    """One pair through tokenize_pairs, raising PairSkipped instead of dropping it."""
+    return tokenize_pairs(tok, [pair], strict=True, **options)[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +39,12 @@ def pair(chosen="Paris.", rejected="I am fine", line=7):
     return PreferencePair(prompt=[{"role": "user", "content": "Hello!"}], chosen=chosen, rejected=rejected, line=line)
 
 
-# ------------------------------------------------------------------ tokenize_pair
+# ------------------------------------------------------------------ one pair
 
 def test_tokenize_pair_splits_prompt_and_answers(tok):
     """Written out: the prompt ends with the generation prompt; each answer is its text's tokens
     followed by <|im_end|> (labelled), and the template's trailing "\\n" is cut off."""
-    tp = tokenize_pair(tok, pair())
+    tp = tokenize_one(tok, pair())
     assert tp.prompt_ids == tok.encode("<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n")
     assert tp.chosen_ids == tok.encode("Paris.") + [IM_END_TINY]
     assert tp.rejected_ids == tok.encode("I am fine") + [IM_END_TINY]
@@ -50,13 +55,13 @@ def test_tokenize_pair_splits_prompt_and_answers(tok):
 def test_tokenized_batch_labels_answers_and_im_end(tok):
     pairs, stats = tokenize_pairs(tok, [pair(), pair("Two plus two is four.", "No.", line=8)])
     batch = collate_pairs(pairs, tok.pad_token_id)
-    assert stats.kept == 2 and batch["input_ids"].shape[0] == 4
+    assert stats.kept == 2 and batch.input_ids.shape[0] == 4
     for r in range(4):
-        n = int(batch["lengths"][r])
-        labelled = batch["labels"][r][batch["labels"][r] != I].tolist()
-        assert batch["labels"][r, n - 1] == IM_END_TINY  # the last real token is <|im_end|>, labelled
+        n = int(batch.lengths[r])
+        labelled = batch.labels[r][batch.labels[r] != I].tolist()
+        assert batch.labels[r, n - 1] == IM_END_TINY  # the last real token is <|im_end|>, labelled
         assert tok.decode(labelled) == ["Paris.", "Two plus two is four.", "I am fine", "No."][r] + "<|im_end|>"
-        assert tok.decode(batch["input_ids"][r, :n].tolist()).endswith("<|im_end|>")
+        assert tok.decode(batch.input_ids[r, :n].tolist()).endswith("<|im_end|>")
 
 
 # ------------------------------------------------------------------ collate_pairs / collate_prompts
@@ -67,24 +72,24 @@ HAND_PAIRS = [TokenizedPair([5, 6, 7], [8, 2], [9, 10, 11, 2], line=1), Tokenize
 def test_collate_pairs_exact_tensors():
     """Rows: chosen 0, chosen 1, rejected 0, rejected 1; right-padded with pad id 0 to T = 7."""
     b = collate_pairs(HAND_PAIRS, pad_token_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 2, 0, 0], [5, 12, 2, 0, 0, 0, 0],
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 2, 0, 0], [5, 12, 2, 0, 0, 0, 0],
                                        [5, 6, 7, 9, 10, 11, 2], [5, 13, 2, 0, 0, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0],
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0],
                                             [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]]
-    assert b["labels"].tolist() == [[I, I, I, 8, 2, I, I], [I, 12, 2, I, I, I, I],
+    assert b.labels.tolist() == [[I, I, I, 8, 2, I, I], [I, 12, 2, I, I, I, I],
                                     [I, I, I, 9, 10, 11, 2], [I, 13, 2, I, I, I, I]]
-    assert b["lengths"].tolist() == [5, 3, 7, 3]
-    assert all(t.dtype == torch.long for t in b.values())
+    assert b.lengths.tolist() == [5, 3, 7, 3]
+    assert all(t.dtype == torch.long for t in (b.input_ids, b.attention_mask, b.labels, b.lengths, b.label_rows, b.label_cols))
 
 
 def test_collate_pairs_pad_to_multiple_of():
     """T = 7 rounds up to 8: one more column of pad, mask 0, IGNORE_INDEX; lengths unchanged."""
     b = collate_pairs(HAND_PAIRS, pad_token_id=99, pad_to_multiple_of=4)
-    assert b["input_ids"].shape == (4, 8)
-    assert b["input_ids"][:, 7].tolist() == [99] * 4 and b["input_ids"][1].tolist() == [5, 12, 2] + [99] * 5
-    assert b["attention_mask"][:, 7].tolist() == [0] * 4 and b["labels"][:, 7].tolist() == [I] * 4
-    assert b["lengths"].tolist() == [5, 3, 7, 3]
-    assert collate_pairs(HAND_PAIRS, 0, pad_to_multiple_of=7)["input_ids"].shape == (4, 7)
+    assert b.input_ids.shape == (4, 8)
+    assert b.input_ids[:, 7].tolist() == [99] * 4 and b.input_ids[1].tolist() == [5, 12, 2] + [99] * 5
+    assert b.attention_mask[:, 7].tolist() == [0] * 4 and b.labels[:, 7].tolist() == [I] * 4
+    assert b.lengths.tolist() == [5, 3, 7, 3]
+    assert collate_pairs(HAND_PAIRS, 0, pad_to_multiple_of=7).input_ids.shape == (4, 7)
 
 
 def test_collate_prompts_left_pads():
@@ -103,17 +108,17 @@ def test_collate_empty_is_an_error():
 # ------------------------------------------------------------------ truncation policy
 
 def test_prompt_keeps_its_end(tok):
-    full = tokenize_pair(tok, pair())
-    tp = tokenize_pair(tok, pair(), max_prompt_length=3)
+    full = tokenize_one(tok, pair())
+    tp = tokenize_one(tok, pair(), max_prompt_length=3)
     assert tp.prompt_ids == full.prompt_ids[-3:] and tp.prompt_truncated
     assert tp.chosen_ids == full.chosen_ids and tp.rejected_ids == full.rejected_ids
 
 
 def test_over_length_drop_is_counted(tok):
-    full = tokenize_pair(tok, pair())
-    assert tokenize_pair(tok, pair(), max_length=full.length).length == full.length  # exactly fits: kept
+    full = tokenize_one(tok, pair())
+    assert tokenize_one(tok, pair(), max_length=full.length).length == full.length  # exactly fits: kept
     with pytest.raises(PairSkipped, match="line 7: over_length"):
-        tokenize_pair(tok, pair(), max_length=full.length - 1, truncation="drop")
+        tokenize_one(tok, pair(), max_length=full.length - 1, truncation="drop")
     report = LoadReport(path="pairs.jsonl", format="test", read=2, kept=2)
     short = pair("a", "b", line=8)  # one byte token + <|im_end|> each: shorter than "I am fine"
     kept, stats = tokenize_pairs(tok, [pair(), short], max_length=full.length - 1, report=report, truncation="drop")
@@ -125,7 +130,7 @@ def test_over_length_drop_is_counted(tok):
 def test_keep_end_cuts_the_prompts_start_never_an_answer(tok):
     """Over max_length by 2 tokens, the prompt loses its first 2 tokens; both answers stay whole
     and keep their <|im_end|>, where a reward is read and where DPO learns to stop."""
-    full = tokenize_pair(tok, pair())
+    full = tokenize_one(tok, pair())
     max_length = full.length - 2
     kept, stats = tokenize_pairs(tok, [pair()], max_length=max_length, truncation="keep_end")
     tp = kept[0]
@@ -142,7 +147,7 @@ def test_keep_end_cuts_the_prompts_start_never_an_answer(tok):
 def test_most_prompts_mostly_cut_is_a_warning(tok):
     """Keeping 1 prompt token of many is < 1/4 of the prompt: counted, and warned about when most
     kept pairs are like that."""
-    full = tokenize_pair(tok, pair())
+    full = tokenize_one(tok, pair())
     longer = max(len(full.chosen_ids), len(full.rejected_ids))
     kept, stats = tokenize_pairs(tok, [pair()], max_length=longer + 1)
     assert len(kept[0].prompt_ids) == 1 and kept[0].prompt_mostly_cut and stats.prompt_mostly_cut == 1
@@ -153,7 +158,7 @@ def test_most_prompts_mostly_cut_is_a_warning(tok):
 
 def test_truncation_options_are_checked(tok):
     with pytest.raises(ValueError, match="truncation='left'"):
-        tokenize_pair(tok, pair(), truncation="left")
+        tokenize_one(tok, pair(), truncation="left")
     with pytest.raises(ValueError, match="max_prompt_length=8 must be below max_length=8"):
         tokenize_pairs(tok, [pair()], max_length=8, max_prompt_length=8)
 
@@ -206,7 +211,7 @@ def test_not_prefix_is_reported():
     qwen3 = load_tokenizer(QWEN3_DIR, chat_format="chatml")
     bad = pair(chosen="\nHi", line=3)
     with pytest.raises(PairSkipped, match="line 3: not_prefix"):
-        tokenize_pair(qwen3, bad)
+        tokenize_one(qwen3, bad)
     report = LoadReport(path="pairs.jsonl", format="test", read=2, kept=2)
     kept, stats = tokenize_pairs(qwen3, [bad, pair()], report=report)
     assert len(kept) == 1 and stats.dropped == {"not_prefix": 1} and report.skipped == {"not_prefix": 1}

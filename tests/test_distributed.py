@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minialign.distributed import (DistEnv, all_reduce_sums, barrier, broadcast_parameters, destroy_distributed,
+from minialign.reducer import all_reduce_sums
+from minialign.distributed import (DistEnv, barrier, broadcast_parameters, destroy_distributed,
                                    finish_distributed, init_distributed, print0)
 from minialign.reducer import GradReducer, make_buckets
 from minialign.config import ModelConfig
@@ -175,6 +176,7 @@ def run_nonfinite_rank() -> None:
     with the same FloatingPointError, well before the 30 s collective timeout."""
     from contextlib import nullcontext
 
+    from minialign.packing import PairBatch
     from minialign.train import train_step
 
     env = init_distributed(timeout_s=30, device="cpu")
@@ -183,18 +185,21 @@ def run_nonfinite_rank() -> None:
     optimizer = torch.optim.AdamW(lm.parameters())
 
     def loss(model, batch):
-        ids = batch["input_ids"]
+        ids = batch.input_ids
         losses = torch.stack([lm_loss(model, ids[i:i + 1]) for i in range(ids.shape[0])])  # (3,)
         if env.rank == 1:  # a NaN in the value only: the detached term carries no gradient
             losses = losses + float("nan") * losses.detach()
-        return losses, {"pairs": ids.shape[0]}
+        rewards = -losses.detach()  # (3,) stand-ins: train_step logs accuracy and margin from two rewards
+        return losses, rewards, rewards, {}
 
     class Objective:
         pass
 
     objective = Objective()
     objective.loss = loss
-    batch = {"input_ids": lm_batch(env.rank, 0), "pair_index": torch.arange(3), "num_tokens": torch.tensor(27)}
+    ids = lm_batch(env.rank, 0)  # (3, 9): three one-row "pairs"
+    batch = PairBatch(packed=True, input_ids=ids, labels=ids, lengths=torch.full((3,), 9), label_rows=None,
+                      label_cols=None, pair_index=torch.arange(3))
     start = time.monotonic()
     try:
         train_step(lm, objective, [batch], optimizer, reducer, 1e-3, 1.0, nullcontext(), env)

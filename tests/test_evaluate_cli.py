@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from minialign import load_model, load_tokenizer, save_model
-from minialign.collate import collate_pairs, tokenize_pairs
+from minialign.collate import tokenize_pairs
 from minialign.distributed import DistEnv
-from minialign.dpo import concatenated_logps
 from minialign.data import load_preferences
 from minialign.evaluation import implicit_rewards, map_batches
+from minialign.packing import answer_logps, collate_pairs
 from minialign.reward import conversation_ids, score_responses
 from minialign.config import ModelConfig
 from minialign.model import CausalLM, RewardModel
@@ -317,7 +317,7 @@ def test_implicit_reward_is_zero_when_policy_is_reference(world):
 
 
 def test_implicit_rewards_packed_equal_two_rows(world):
-    """implicit_rewards scores one packed row per pair; the two-row layout (dpo.concatenated_logps on
+    """implicit_rewards scores one packed row per pair; the two-row layout (packing.answer_logps on
     collate_pairs' [2B, T] batch, all 16 pairs at once) gives the same log-probs within 1e-5."""
     tok = world["tok"]
     policy, ref = (load_model(world["root"] / name).eval() for name in ("policy", "base"))
@@ -326,8 +326,8 @@ def test_implicit_rewards_packed_equal_two_rows(world):
                                                    pad_token_id=tok.pad_token_id)
     batch = collate_pairs(items, tok.pad_token_id)
     with torch.no_grad():
-        pc, pr = concatenated_logps(policy, batch)[0].double().chunk(2)
-        rc, rr = concatenated_logps(ref, batch)[0].double().chunk(2)
+        pc, pr = (t.double() for t in answer_logps(policy, batch)[:2])
+        rc, rr = (t.double() for t in answer_logps(ref, batch)[:2])
     assert [c for c, _ in pol_lp] == pytest.approx(pc.tolist(), abs=1e-5, rel=0)
     assert chosen == pytest.approx((0.5 * (pc - rc)).tolist(), abs=1e-5, rel=0)
     assert rejected == pytest.approx((0.5 * (pr - rr)).tolist(), abs=1e-5, rel=0)

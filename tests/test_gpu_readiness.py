@@ -31,7 +31,8 @@ from minialign.dpo import DPOObjective, LiveReference, PrecomputedReference
 from minialign.model import CausalLM, DecoderLayer, RewardModel, attend
 from minialign.reducer import GradReducer
 from minialign.reward import RewardObjective
-from minialign.train import build_optimizer, make_batch, train_step
+from minialign.packing import make_batch
+from minialign.train import build_optimizer, train_step
 
 MINIALIGN_DIR = os.path.dirname(minialign.__file__)
 CFG = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -224,7 +225,7 @@ def test_packed_mask_is_built_once_per_forward_additive_padded():
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_hf_dict(CFG))
     batch = collate_packed(pairs(3), pad_token_id=0)
-    T = batch["input_ids"].shape[1]
+    T = batch.input_ids.shape[1]
     assert T % 8 != 0  # the padding of each row is to be shown
     seen = []
     real = DecoderLayer.forward
@@ -236,7 +237,7 @@ def test_packed_mask_is_built_once_per_forward_additive_padded():
     for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         seen.clear()
         with mock.patch.object(DecoderLayer, "forward", spy), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            minialign.dpo.answer_logps(model, batch)
+            minialign.packing.answer_logps(model, batch)
         assert len(seen) == 2 and seen[0] is seen[1]
         mask = seen[0]
         assert mask.dtype == dtype and mask.shape == (3, 1, T, T) and mask.stride(-2) % 8 == 0
@@ -257,7 +258,7 @@ def test_additive_mask_attends_as_the_boolean_one():
 
 
 def test_batches_are_padded_to_8_on_cuda_by_default():
-    from minialign.train import pad_multiple
+    from minialign.packing import pad_multiple
 
     assert pad_multiple(None, torch.device("cuda", 0)) == 8
     assert pad_multiple(None, torch.device("cpu")) is None

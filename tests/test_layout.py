@@ -1,8 +1,15 @@
 """The code reads one way: no module of the package imports one that imports it back (even
-inside a function), the package never imports a script, and model.py and losses.py depend on
-torch alone (STYLE.md rule 1)."""
+inside a function), the package never imports a script, model.py depends on torch alone, and the
+losses are pure functions of tensors that reach for nothing but torch (STYLE.md rules 1 and 6;
+they live in dpo.py and reward.py, beside the objective that feeds them)."""
 import ast
+import types
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minialign import dpo, reward
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minialign"
 SCRIPTS = {"train_rm", "train_dpo", "evaluate"}
@@ -52,9 +59,50 @@ def test_package_never_imports_a_script():
         assert not (other & SCRIPTS), p.name
 
 
-def test_model_and_losses_depend_on_torch_alone():
-    for name in ("losses", "logprobs"):
-        own, other = imports_of(PACKAGE / f"{name}.py")
-        assert own == set() and other <= {"torch", "__future__", "math"}, (name, own, other)
+def module_globals_used(fn) -> dict:
+    """The module-level names a function's code reads, with what they are, nested code included."""
+    names, todo = set(), [fn.__code__]
+    while todo:
+        code = todo.pop()
+        names.update(code.co_names)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return {n: fn.__globals__[n] for n in names if n in fn.__globals__}
+
+
+def test_losses_reach_for_torch_alone():
+    """The loss functions read no module-level name but torch, F, their fp32 promotion helper and
+    the loss-type names: no model, no batch, no other minialign module."""
+    allowed = {"torch": torch, "F": F, "DPO_LOSS_TYPES": dpo.DPO_LOSS_TYPES}
+    for fn in (dpo.dpo_loss, dpo.simpo_loss, reward.bradley_terry_loss):
+        used = module_globals_used(fn)
+        helper = used.pop("_precise", None)
+        assert helper is None or module_globals_used(helper) == {"torch": torch}, fn.__name__
+        assert all(allowed.get(n) is v for n, v in used.items()), (fn.__name__, sorted(used))
+
+
+def test_model_depends_on_torch_alone():
     own, other = imports_of(PACKAGE / "model.py")
     assert own <= {"config"} and other <= {"torch", "__future__", "math", "dataclasses"}, (own, other)
+
+
+MAX_FUNCTION_LINES = 60  # lines of code per function, docstring, comments and blank lines apart (issue 30)
+
+
+def code_lines(lines: list[str], fn: ast.FunctionDef) -> int:
+    body = fn.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
+    doc = range(body[0].lineno, body[0].end_lineno + 1) if has_doc else range(0)
+    return sum(1 for i in range(fn.lineno, fn.end_lineno + 1)
+               if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+
+
+def test_every_function_fits_on_a_screen():
+    long = []
+    for p in sorted(PACKAGE.glob("*.py")):
+        source = p.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = code_lines(source.splitlines(), node)
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{p.name}:{node.name} ({n} lines)")
+    assert not long, long

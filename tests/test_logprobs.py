@@ -1,11 +1,28 @@
-"""Sequence log-probs checked against a slow per-token loop in float64, and the
-hidden-state fast path checked against the full-logits path (values and gradients)."""
+"""Sequence log-probs checked against a slow per-token loop in float64, and the hidden-state
+path training uses (packing.sequence_logprobs_from_hidden: only the labelled positions are
+projected onto the vocabulary) checked against the textbook full-logits formula below (values
+and gradients)."""
 import math
 
 import pytest
 import torch
 
-from minialign.logprobs import IGNORE_INDEX, sequence_logprobs, sequence_logprobs_from_hidden
+from minialign.packing import IGNORE_INDEX, sequence_logprobs_from_hidden
+
+
+def sequence_logprobs(logits, labels):
+    """The textbook formula on full logits [B, T, V]: log p(y_t) = z_y - logsumexp(z) at every
+    position t - 1 whose next label is scored, summed per row and averaged per scored token (0 for
+    a row with none). logsumexp in fp32: in bf16 the sum over V exponentials loses 2-3 digits."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    targets = labels[:, 1:]                                    # (B, T-1): token t+1 is predicted at t
+    mask = targets != IGNORE_INDEX                             # (B, T-1)
+    logits = logits[:, :-1]                                    # (B, T-1, V)
+    picked = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).float()  # (B, T-1)
+    token_logps = torch.where(mask, picked - torch.logsumexp(logits.float(), dim=-1), 0.0)   # (B, T-1)
+    logps_sum = token_logps.sum(dim=-1)                        # (B,)
+    return logps_sum, logps_sum / mask.sum(dim=-1).clamp(min=1)
 
 
 def reference_logprobs(logits, labels):

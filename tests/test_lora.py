@@ -35,7 +35,7 @@ from minialign.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, adapter
 from minialign.model import CausalLM, RewardModel
 from minialign.reducer import GradReducer
 from minialign.reward import RewardObjective
-from minialign.train import make_batch
+from minialign.packing import make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
-from minialign.losses import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, simpo_loss
-from minialign.objective import mean_metrics, preference_sums
+from minialign.dpo import DPO_LOSS_TYPES, dpo_loss, simpo_loss
+from minialign.reward import RewardObjective, bradley_terry_loss
+from minialign.train import preference_sums
 
 POLICY_CHOSEN = [-0.5, -10.0, -1.0]
 POLICY_REJECTED = [-0.1, -30.0, -21.0]
@@ -191,8 +192,9 @@ def test_bradley_terry_hand_values_and_metrics():
     assert torch.equal(c, chosen) and torch.equal(r, rejected) and not c.requires_grad
     sums = preference_sums(c, r)
     assert sums["pairs"] == 3 and sums["correct"].item() == 1 and sums["ties"].item() == 1
-    metrics = mean_metrics({k: float(v) for k, v in sums.items()})
-    assert metrics["correct"] == pytest.approx(1 / 3) and metrics["ties"] == pytest.approx(1 / 3)
+    metrics = RewardObjective().summarize({"loss": float(losses.sum()), **{k: float(v) for k, v in sums.items()}})
+    assert metrics["loss"] == pytest.approx((0.3132617 + 0.6931472 + 2.1269280) / 3)
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["ties"] == pytest.approx(1 / 3)
     assert metrics["margin"] == pytest.approx(-1 / 3)
     assert metrics["chosen_reward"] == pytest.approx(1 / 3)
     assert metrics["rejected_reward"] == pytest.approx(2 / 3)

@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import minialign.dpo as dpo
 import minialign.packing as packing
-from minialign.collate import TokenizedPair, collate_pairs
-from minialign.logprobs import IGNORE_INDEX
-from minialign.losses import bradley_terry_loss, dpo_loss, simpo_loss
+from minialign.collate import TokenizedPair
+from minialign.dpo import dpo_loss, simpo_loss
+from minialign.reward import bradley_terry_loss
 from minialign.model import CausalLM, RewardModel, positions_from_mask
-from minialign.packing import (CHOSEN, PADDING, PROMPT, REJECTED, collate_packed, packed_attention_mask,
-                               packed_logps, packed_position_ids, packed_rewards, segment_ids)
+from minialign.packing import (CHOSEN, IGNORE_INDEX, PADDING, PROMPT, REJECTED, PairBatch, collate_packed, collate_pairs, packed_attention_mask,
+                               answer_logps, packed_position_ids, pair_rewards, segment_ids)
 from test_model import ARCHS, tiny_config
 
 I = IGNORE_INDEX
@@ -53,14 +52,14 @@ def test_collate_packed_exact_tensors():
     positions restart at the prompt's end (3 for pair 0, 1 for pair 1)."""
     pairs = [TokenizedPair([5, 6, 7], [8, 2], [9, 10, 11, 2]), TokenizedPair([5], [12, 2], [13, 2])]
     b = collate_packed(pairs, pad_token_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 2, 9, 10, 11, 2], [5, 12, 2, 13, 2, 0, 0, 0, 0]]
-    assert b["labels"].tolist() == [[I, I, I, 8, 2, 9, 10, 11, 2], [I, 12, 2, 13, 2, I, I, I, I]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6], [0, 1, 2, 1, 2, 5, 6, 7, 8]]
-    assert b["prompt_lengths"].tolist() == [3, 1] and b["chosen_lengths"].tolist() == [2, 2]
-    assert b["rejected_lengths"].tolist() == [4, 2] and b["lengths"].tolist() == [9, 5]
-    assert "attention_mask" not in b  # a 2-D padding mask would let rejected see chosen
-    assert all(t.dtype == torch.long for t in b.values())
-    assert collate_packed(pairs, 0, pad_to_multiple_of=8)["input_ids"].shape == (2, 16)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 2, 9, 10, 11, 2], [5, 12, 2, 13, 2, 0, 0, 0, 0]]
+    assert b.labels.tolist() == [[I, I, I, 8, 2, 9, 10, 11, 2], [I, 12, 2, 13, 2, I, I, I, I]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6], [0, 1, 2, 1, 2, 5, 6, 7, 8]]
+    assert b.prompt_lengths.tolist() == [3, 1] and b.chosen_lengths.tolist() == [2, 2]
+    assert b.rejected_lengths.tolist() == [4, 2] and b.lengths.tolist() == [9, 5]
+    assert b.packed and b.attention_mask is None  # a 2-D padding mask would let rejected see chosen
+    assert all(t.dtype == torch.long for t in (b.input_ids, b.labels, b.position_ids, b.lengths, b.prompt_lengths, b.label_rows))
+    assert collate_packed(pairs, 0, pad_to_multiple_of=8).input_ids.shape == (2, 16)
 
 
 def test_collate_packed_refuses_an_empty_prompt():
@@ -90,8 +89,10 @@ def test_mask_equals_per_token_reference(seed):
     lengths = torch.randint(0, 6, (6, 3), generator=g)
     lengths[:, 0] += 1  # prompts are never empty (collate_packed refuses them); answers may be
     T = int(lengths.sum(-1).max()) + 2
-    batch = {"input_ids": torch.zeros(6, T, dtype=torch.long), "prompt_lengths": lengths[:, 0],
-             "chosen_lengths": lengths[:, 1], "rejected_lengths": lengths[:, 2]}
+    ids = torch.zeros(6, T, dtype=torch.long)
+    batch = PairBatch(packed=True, input_ids=ids, labels=ids, lengths=lengths.sum(-1), label_rows=None,
+                      label_cols=None, prompt_lengths=lengths[:, 0], chosen_lengths=lengths[:, 1],
+                      rejected_lengths=lengths[:, 2])
     got = packed_attention_mask(batch)
     assert got.shape == (6, 1, T, T) and got.dtype == torch.bool
     for b, (P, C, R) in enumerate(lengths.tolist()):
@@ -104,16 +105,16 @@ def test_mask_equals_per_token_reference(seed):
 def test_position_ids_equal_the_unpacked_rows_positions():
     pairs = random_pairs()
     packed, unpacked = collate_packed(pairs, 0), collate_pairs(pairs, 0)
-    positions = positions_from_mask(unpacked["attention_mask"], unpacked["input_ids"].shape[1])  # (2B, T)
+    positions = positions_from_mask(unpacked.attention_mask, unpacked.input_ids.shape[1])  # (2B, T)
     B = len(pairs)
     for b, p in enumerate(pairs):
         P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        row = packed["position_ids"][b]
+        row = packed.position_ids[b]
         assert torch.equal(row[:P + C], positions[b, :P + C])  # prompt and chosen, as in row b
         assert torch.equal(row[P + C:P + C + R], positions[B + b, P:P + R])  # rejected, as in row B + b
     lengths = [torch.tensor([len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)]) for p in pairs]
-    assert torch.equal(packed_position_ids(*torch.stack(lengths).unbind(-1), packed["input_ids"].shape[1]),
-                       packed["position_ids"])
+    assert torch.equal(packed_position_ids(*torch.stack(lengths).unbind(-1), packed.input_ids.shape[1]),
+                       packed.position_ids)
 
 
 # ------------------------------------------------------------------ packed = unpacked
@@ -142,23 +143,18 @@ def dpo_losses(chosen, rejected, chosen_mean, rejected_mean, ref_chosen, ref_rej
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_packed_dpo_equals_unpacked(arch, over, ckpt, monkeypatch):
     """Log-prob sums and means, the reference's, every loss and every parameter's gradient: packed
-    rows against dpo.concatenated_logps on the [2B, T] layout, within 1e-5 (gradients: 1e-5 of each
+    rows against the [2B, T] layout's reading (answer_logps of collate_pairs' batch), within 1e-5 (gradients: 1e-5 of each
     gradient's largest entry). With checkpointing the vocabulary projection is chunked too, 3
     positions at a time so that chunks split answers."""
     monkeypatch.setattr(packing, "CHECKPOINT_LOGITS_CHUNK", 3)
-    monkeypatch.setattr(dpo, "CHECKPOINT_LOGITS_CHUNK", 3)
     policy = perturbed(CausalLM(tiny_config(arch, **over)), seed=1).train()
     reference = perturbed(CausalLM(tiny_config(arch, **over)), seed=2).eval()
     policy.gradient_checkpointing = ckpt
     pairs = random_pairs(seed=3)
     packed, unpacked = collate_packed(pairs, 0, pad_to_multiple_of=8), collate_pairs(pairs, 0)
 
-    def unpacked_logps(model, batch):
-        sums, means = dpo.concatenated_logps(model, batch)  # (2B,) each
-        return (*sums.chunk(2), *means.chunk(2))
-
     results = []
-    for logps, batch in ((packed_logps, packed), (unpacked_logps, unpacked)):
+    for logps, batch in ((answer_logps, packed), (answer_logps, unpacked)):
         policy.zero_grad()
         with torch.no_grad():
             ref = logps(reference, batch)
@@ -180,7 +176,7 @@ def test_packed_dpo_equals_unpacked(arch, over, ckpt, monkeypatch):
 
 @pytest.mark.parametrize("arch,over", ARCHS + [("qwen2", {"num_hidden_layers": 0})])
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_packed_rewards_equal_unpacked(arch, over, ckpt):
+def test_pair_rewards_equal_unpacked(arch, over, ckpt):
     """Rewards at each answer's last token, the Bradley-Terry loss and every parameter's gradient:
     packed rows (the last layer run at two positions per row) against RewardModel on the [2B, T]
     layout and against the full-width packed forward (every position through every layer)."""
@@ -191,16 +187,16 @@ def test_packed_rewards_equal_unpacked(arch, over, ckpt):
     B = len(pairs)
 
     def unpacked_rewards(model, batch):
-        return model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        return model(batch.input_ids, batch.attention_mask).chunk(2)
 
     def full_width(model, batch):  # the slow way: all positions, then pick the two per row
-        h = model.model(batch["input_ids"], packed_attention_mask(batch), position_ids=batch["position_ids"])
-        P, C, R = batch["prompt_lengths"], batch["chosen_lengths"], batch["rejected_lengths"]
+        h = model.model(batch.input_ids, packed_attention_mask(batch), position_ids=batch.position_ids)
+        P, C, R = batch.prompt_lengths, batch.chosen_lengths, batch.rejected_lengths
         rows = torch.arange(B)
         return model.score(h[rows, P + C - 1])[:, 0], model.score(h[rows, P + C + R - 1])[:, 0]
 
     results = []
-    for read, batch in ((packed_rewards, packed), (unpacked_rewards, unpacked), (full_width, packed)):
+    for read, batch in ((pair_rewards, packed), (unpacked_rewards, unpacked), (full_width, packed)):
         rm.zero_grad()
         chosen, rejected = read(rm, batch)
         losses = bradley_terry_loss(chosen, rejected, center_rewards_coef=0.1)[0]  # (B,)
@@ -223,17 +219,23 @@ def test_empty_answer_reads_like_the_unpacked_row():
     pairs = random_pairs([(3, 0, 2), (4, 2, 0)], seed=8)
     packed, unpacked = collate_packed(pairs, 0), collate_pairs(pairs, 0)
     with torch.no_grad():
-        for got, want in zip(packed_rewards(rm, packed), unpacked_rewards_of(rm, unpacked)):
+        for got, want in zip(pair_rewards(rm, packed), unpacked_rewards_of(rm, unpacked)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        chosen, rejected, chosen_mean, rejected_mean = packed_logps(lm, packed)
-        sums, means = dpo.concatenated_logps(lm, unpacked)
+        chosen, rejected, chosen_mean, rejected_mean = answer_logps(lm, packed)
+        sums, means = two_row_logps(lm, unpacked)
     assert chosen[0] == 0 and rejected[1] == 0 and chosen_mean[0] == 0 and rejected_mean[1] == 0
     torch.testing.assert_close(torch.cat([chosen, rejected]), sums, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([chosen_mean, rejected_mean]), means, atol=1e-5, rtol=1e-5)
 
 
+def two_row_logps(lm, batch):
+    """answer_logps of a [2B, T] batch as (sums (2B,), means (2B,)), chosen rows first."""
+    chosen, rejected, chosen_mean, rejected_mean = answer_logps(lm, batch)
+    return torch.cat([chosen, rejected]), torch.cat([chosen_mean, rejected_mean])
+
+
 def unpacked_rewards_of(rm, batch):
-    return rm(batch["input_ids"], batch["attention_mask"]).chunk(2)
+    return rm(batch.input_ids, batch.attention_mask).chunk(2)
 
 
 @pytest.mark.parametrize("breakage", ["rejected sees chosen", "rejected positions after chosen"])
@@ -244,18 +246,18 @@ def test_a_broken_layout_is_caught(breakage, monkeypatch):
     packed, unpacked = collate_packed(pairs, 0), collate_pairs(pairs, 0)
     if breakage == "rejected sees chosen":  # plain causal attention over the whole row
         def leaky(batch):
-            B, T = batch["input_ids"].shape
+            B, T = batch.input_ids.shape
             return torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
         monkeypatch.setattr(packing, "packed_attention_mask", leaky)
     else:
-        T = packed["input_ids"].shape[1]
-        packed["position_ids"] = torch.arange(T).expand(len(pairs), T)
+        T = packed.input_ids.shape[1]
+        packed.position_ids = torch.arange(T).expand(len(pairs), T)
     lm = perturbed(CausalLM(tiny_config("qwen2")), seed=10).eval()
     rm = perturbed(RewardModel(tiny_config("qwen2")), seed=11).eval()
     with torch.no_grad():
-        rejected = packed_logps(lm, packed)[1]
-        want = dpo.concatenated_logps(lm, unpacked)[0].chunk(2)[1]
-        rejected_reward = packed_rewards(rm, packed)[1]
+        rejected = answer_logps(lm, packed)[1]
+        want = two_row_logps(lm, unpacked)[0].chunk(2)[1]
+        rejected_reward = pair_rewards(rm, packed)[1]
         want_reward = unpacked_rewards_of(rm, unpacked)[1]
     assert (rejected - want).abs().max() > 1e-3
     assert (rejected_reward - want_reward).abs().max() > 1e-3
@@ -274,14 +276,14 @@ def test_packed_equals_unpacked_on_real_pairs():
     records, _ = load_preferences(str(HH_FILE))
     pairs, _ = tokenize_pairs(tok, random.Random(0).sample(records, 6), max_length=512)
     packed, unpacked = collate_packed(pairs, tok.pad_token_id), collate_pairs(pairs, tok.pad_token_id)
-    assert packed["input_ids"].numel() < unpacked["input_ids"].numel()
+    assert packed.input_ids.numel() < unpacked.input_ids.numel()
     lm = perturbed(CausalLM(tiny_config("qwen3", vocab_size=len(tok))), seed=13).eval()
     rm = perturbed(RewardModel(tiny_config("qwen3", vocab_size=len(tok))), seed=14).eval()
     with torch.no_grad():
-        sums, means = dpo.concatenated_logps(lm, unpacked)
-        torch.testing.assert_close(torch.stack(packed_logps(lm, packed)),
+        sums, means = two_row_logps(lm, unpacked)
+        torch.testing.assert_close(torch.stack(answer_logps(lm, packed)),
                                    torch.stack([*sums.chunk(2), *means.chunk(2)]), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(torch.stack(packed_rewards(rm, packed)), torch.stack(unpacked_rewards_of(rm, unpacked)),
+        torch.testing.assert_close(torch.stack(pair_rewards(rm, packed)), torch.stack(unpacked_rewards_of(rm, unpacked)),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -298,10 +300,10 @@ def test_packed_path_runs_on_a_fused_attention_kernel(device):
     fused = [SDPBackend.FLASH_ATTENTION] if device == "cpu" else [SDPBackend.EFFICIENT_ATTENTION,
                                                                    SDPBackend.CUDNN_ATTENTION]
     pairs = random_pairs(seed=12)
-    batch = {k: v.to(device) for k, v in collate_packed(pairs, 0, pad_to_multiple_of=8).items()}
+    batch = collate_packed(pairs, 0, pad_to_multiple_of=8).to(device)
     for model in (CausalLM(tiny_config("qwen2")), RewardModel(tiny_config("qwen2"))):
         model.to(device).train()
         with sdpa_kernel(fused):
-            out = packed_logps(model, batch) if isinstance(model, CausalLM) else packed_rewards(model, batch)
+            out = answer_logps(model, batch) if isinstance(model, CausalLM) else pair_rewards(model, batch)
             sum(o.sum() for o in out).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

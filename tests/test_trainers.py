@@ -178,8 +178,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_pat
 
     def loss(m, batch):  # the 4th micro-batch returns NaN
         calls["n"] += 1
-        losses, sums = good.loss(m, batch)
-        return (losses * float("nan") if calls["n"] == 4 else losses), sums
+        losses, *rewards_and_sums = good.loss(m, batch)
+        return (losses * float("nan") if calls["n"] == 4 else losses), *rewards_and_sums
 
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4.*step-000002"):
         objective = SimpleNamespace(loss=loss, summarize=good.summarize, headline=good.headline)
@@ -202,8 +202,7 @@ def test_bf16_run_holds_the_reference_in_bf16_and_still_starts_at_ln2(tiny_world
 
 
 def test_frozen_bf16_copy_equals_fp32_model_under_autocast(tiny_world):
-    from minialign.collate import collate_pairs
-    from minialign.dpo import concatenated_logps
+    from minialign.packing import answer_logps, collate_pairs
     from minialign.precision import autocast_context, hold_frozen_in_bf16
 
     tok, items = _tokenized(tiny_world)
@@ -214,7 +213,7 @@ def test_frozen_bf16_copy_equals_fp32_model_under_autocast(tiny_world):
     assert frozen.model.embed_tokens.weight.dtype == torch.float32  # the (tied) embedding is no autocast matmul
     assert frozen.model.norm.weight.dtype == torch.float32
     with torch.no_grad(), autocast_context("bf16", torch.device("cpu")):
-        a, b = concatenated_logps(model, batch)[0], concatenated_logps(frozen, batch)[0]
+        a, b = torch.cat(answer_logps(model, batch)[:2]), torch.cat(answer_logps(frozen, batch)[:2])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -247,10 +246,10 @@ def test_beta_default_is_each_losss_own():
 def test_pairs_used_are_the_pairs_the_steps_take(max_steps):
     """StepPlan.pairs_used (what --precompute_ref computes) is the union of the pairs that the run's
     steps take (micro_batches, step by step): 10 pairs, global batch 4, 2 steps per epoch, 1 to 4 epochs."""
-    from minialign.train import StepPlan
+    from minialign.sampler import StepPlan
 
-    cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=max_steps, seed=3)
-    plan = StepPlan(10, cfg, DistEnv(0, 1, 0, torch.device("cpu")), lengths=[i % 4 for i in range(10)])
+    plan = StepPlan(10, batch_size=4, grad_accum=1, rank=0, world_size=1, seed=3, max_steps=max_steps,
+                    lengths=[i % 4 for i in range(10)])
     taken = {i for step in range(max_steps) for mb in plan.micro_batches(step) for i in mb}
     assert plan.pairs_used() == sorted(taken)
     assert len(taken) == 4 if max_steps == 1 else len(taken) > 4
