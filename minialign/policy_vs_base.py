@@ -9,7 +9,7 @@
 
 The two models are loaded one at a time, so a checkpoint twice the size still fits: the policy
 answers and scores its own answers, is freed, then the base answers and scores the policy's.
-`--generation_cache` stores the base's answers (and, in evaluate.py, their rewards) under a key of
+`--generation_cache` stores the base's answers (and, in eval_dpo.py, their rewards) under a key of
 everything they depend on (minialign.answer_cache), so a sweep of policies against one base samples
 the base once. Under torchrun the batches are shared among the ranks (evaluation.map_batches);
 rank 0 reads and writes the cache, and every rank receives what it read.

@@ -234,13 +234,13 @@ def test_evaluate_dpo_says_when_a_prompt_is_very_long(tiny_world, tmp_path, monk
     """Item 11: a prompt of 200,000 tokens generated for minutes without a word; a prompt above
     LONG_PROMPT_TOKENS now gets a line first (the bound lowered here to the tiny world's prompts)."""
     import evaluate
-    from minialign import save_model
+    from minialign import eval_dpo, save_model
     from minialign.checkpoint import load_config
     from minialign.model import RewardModel
 
     torch.manual_seed(0)
     save_model(RewardModel(load_config(tiny_world["model"])), tmp_path / "rm", load_tokenizer(tiny_world["model"]))
-    monkeypatch.setattr(evaluate, "LONG_PROMPT_TOKENS", 5)
+    monkeypatch.setattr(eval_dpo, "LONG_PROMPT_TOKENS", 5)
     evaluate.main(["dpo", "--base", str(tiny_world["model"]), "--policy", str(tiny_world["model"]), "--reward_model",
                    str(tmp_path / "rm"), "--data", str(tiny_world["data"]), "--output", str(tmp_path / "eval"),
                    "--num_prompts", "2", "--max_new_tokens", "2", "--n_resamples", "10", "--skip_kl"])
