@@ -153,7 +153,7 @@ def score_pairs(reward_model, items, pad_token_id: int) -> list[tuple[float, flo
 def score_responses(reward_model, tokenizer, prompts, responses, batch_size=16, max_length=None,
                     max_prompt_length=None):
     """Rewards for (prompt, response) pairs -> list of floats, batch_size right-padded rows at a
-    time in the given order (evaluate.py groups its rows by length first)."""
+    time in the given order (`evaluate.py dpo` groups its rows by length first: eval_dpo.rewards_of_both)."""
     was_training = reward_model.training
     reward_model.eval()
     seqs = [conversation_ids(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
