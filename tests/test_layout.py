@@ -3,9 +3,11 @@ inside a function), the package never imports a script, model.py depends on torc
 losses are pure functions of tensors that reach for nothing but torch (STYLE.md rules 1 and 6;
 they live in dpo.py and reward.py, beside the objective that feeds them)."""
 import ast
+import math
 import types
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +108,58 @@ def test_every_function_fits_on_a_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{p.name}:{node.name} ({n} lines)")
     assert not long, long
+
+
+def files_run_by(fn, *args):
+    """fn(*args), and the package's files whose Python code ran meanwhile (sys.setprofile)."""
+    import sys
+
+    seen = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(str(PACKAGE) + "/"):
+            seen.add(Path(frame.f_code.co_filename).name)
+
+    sys.setprofile(profile)
+    try:
+        out = fn(*args)
+    finally:
+        sys.setprofile(None)
+    return out, seen
+
+
+@pytest.mark.parametrize("loss_type,packed", [("sigmoid", True), ("sigmoid", False), ("simpo", True), ("rm", True),
+                                              ("rm", False)])
+def test_one_step_runs_in_five_library_files(loss_type, packed):
+    """The hallway of one DPO (or reward-model) step, from the step's pairs to optimizer.step():
+    the loop's batch (packing.make_batch) and train.train_step, with the policy, a live reference
+    and the gradient sync. With train_dpo.py (train_rm.py), which calls train(), six files: no other
+    module's code runs, so a reader following the step opens no other file."""
+    from minialign.collate import TokenizedPair
+    from minialign.distributed import DistEnv
+    from minialign.dpo import DPOObjective, LiveReference
+    from minialign.model import CausalLM, RewardModel
+    from minialign.packing import make_batch
+    from minialign.reducer import GradReducer
+    from minialign.reward import RewardObjective
+    from minialign.train import build_optimizer, train_step
+    from test_model import tiny_config
+
+    torch.manual_seed(0)
+    policy = RewardModel(tiny_config()) if loss_type == "rm" else CausalLM(tiny_config())
+    reference = CausalLM(tiny_config()).eval()
+    items = [TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], line=i) for i in range(4)]
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    if loss_type == "rm":
+        objective, chapter = RewardObjective(), "reward.py"
+    else:
+        objective, chapter = DPOObjective(loss_type, 0.1, reference=None if loss_type == "simpo" else LiveReference(reference)), "dpo.py"
+    grad_sync, optimizer = GradReducer(policy, env), build_optimizer(policy, 1e-3, 0.0)
+
+    def step():
+        batches = [make_batch(items, ids, 0, "train", env.device, packed) for ids in ([0, 1], [2, 3])]
+        return train_step(policy, objective, batches, optimizer, grad_sync, 1e-3, 1.0, torch.autocast("cpu", enabled=False), env)
+
+    sums, files = files_run_by(step)
+    assert sums["pairs"] == 4 and math.isfinite(sums["loss"])
+    assert files == {"train.py", chapter, "packing.py", "model.py", "reducer.py"}, sorted(files)
