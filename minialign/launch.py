@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load_model, save_model
 from .compat import check_tokenizer_fits
-from .demo import use_demo_world
+from .demo_build import use_demo_world
 from .distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from .fsdp import load_sharded
 from .hub import resolve_model_path

@@ -11,7 +11,7 @@ import pytest
 
 from minialign import load_model, load_tokenizer
 from minialign.data import load_preferences
-from minialign.demo import MARKER, BaseModelSettings, build_world, demo_paths
+from minialign.demo_build import MARKER, BaseModelSettings, build_world, demo_paths
 from minialign.demo_world import kind_of, make_preference_data, preferred, world_facts
 
 REPO = Path(__file__).resolve().parents[1]
