@@ -172,13 +172,13 @@ def demo_paths(env: DistEnv | None = None, root="runs/demo", base: BaseModelSett
     return DemoPaths(root / "base", root / "data" / "train.jsonl", root / "data" / "eval.jsonl", root)
 
 
-def use_demo_world(args, env: DistEnv, root="runs/demo") -> None:
+def use_demo_world(env: DistEnv, root="runs/demo") -> DemoPaths:
     """For a trainer given neither --model nor --data: the demo world's base model, train and
-    eval splits (built under `root` on first use), announced in the first line of output."""
+    eval splits (built under `root` on first use), announced in the first line of output. The
+    caller fills its own flags from the paths returned."""
     print0(env, f"no --model and --data given: training on the demo world in {root} "
                 f"(python -m minialign.demo runs the whole assignment on it)")
-    paths = demo_paths(env, root)
-    args.model, args.data, args.eval_data = str(paths.base_model), str(paths.train_data), str(paths.eval_data)
+    return demo_paths(env, root)
 
 
 __all__ = ["BaseModelSettings", "FULL_BASE", "FAST_BASE", "MARKER", "base_config", "train_base_model",
