@@ -68,8 +68,8 @@ from minialign.tokenizer import CHAT_FORMAT_CHOICES
 # ------------------------------------------------------------------------ the demo world
 
 def demo_world_if_none(given: dict, env, what: str):
-    """minialign.demo's paths when none of the command's model and data flags is given (the demo
-    world is built first if it does not exist yet); None when all are. Some but not all is an
+    """minialign.demo_build's paths when none of the command's model and data flags is given (the
+    demo world is built first if it does not exist yet); None when all are. Some but not all is an
     error: a forgotten flag is never filled in from the demo world behind the user's back."""
     missing = [flag for flag, value in given.items() if value is None]
     if not missing:
@@ -78,7 +78,7 @@ def demo_world_if_none(given: dict, env, what: str):
         raise UserError(f"missing {', '.join(missing)}: give all of {', '.join(given)}, "
                         f"or none of them to evaluate the demo world")
     print0(env, f"no {', '.join(given)} given: evaluating the demo world ({what})")
-    from minialign.demo import demo_paths  # imported only when needed: it may build the demo world
+    from minialign.demo_build import demo_paths  # imported only when needed: it may build the demo world
 
     return demo_paths(env)
 

@@ -8,7 +8,7 @@
 #   LRS="1e-6 1e-5 1e-4" SEEDS="0" bash experiments/rm_learning_rates.sh
 #
 # train_rm.py with no --model / --data trains on the demo world: its tiny base model
-# (a 2-layer, 64-wide Qwen2 trained from scratch by minialign.demo) and its train split; the
+# (a 2-layer, 64-wide Qwen2 trained from scratch by minialign.demo_build) and its train split; the
 # in-training evaluation and evaluate.py rm use the demo's held-out split (prompts disjoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ EVAL_EVERY=${EVAL_EVERY:-20}
 RUN=${RUN:-runs/rm_lr}
 RESULTS=${RESULTS:-experiments/results/rm_learning_rates}
 
-python -c "from minialign.demo import demo_paths; print(demo_paths())"   # build the demo world if missing
+python -c "from minialign.demo_build import demo_paths; print(demo_paths())"   # build the demo world if missing
 mkdir -p "$RUN"
 curve_runs=()
 for lr in $LRS; do

@@ -10,7 +10,8 @@ Length alone decides nothing outside the length traps: a refusal is often longer
 compliance it beats, a right capital longer than the wrong one.
 
 Because the rule is known, a model's answers can be judged by it (`preferred`) and not only
-by a learned reward model. minialign/demo.py builds the world on disk and runs the pipeline.
+by a learned reward model. minialign/demo_build.py builds the world on disk; minialign/demo.py
+runs the pipeline on it.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load_model, save_model
 from .compat import check_tokenizer_fits
-from .demo import use_demo_world
+from .demo_build import use_demo_world
 from .distributed import broadcast_parameters, finish_distributed, init_distributed, print0
 from .fsdp import load_sharded
 from .hub import resolve_model_path
@@ -32,8 +32,9 @@ def start_run(args, script: str):
     --model (a folder, also for a Hub id in the local cache), check the run folder before any work
     (never into another run's folder), pick the precision and seed. Returns (env, run, dtype)."""
     env = init_distributed(args.dist_timeout)
-    if args.model is None:
-        use_demo_world(args, env)
+    if args.model is None:  # no --model and no --data: the demo world fills all three flags
+        demo = use_demo_world(env)
+        args.model, args.data, args.eval_data = str(demo.base_model), str(demo.train_data), str(demo.eval_data)
     args.model = str(resolve_model_path(args.model, "--model"))
     run = RunFolder(args.output, env, script=script)
     run.check(args.resume, args.overwrite)

@@ -80,7 +80,7 @@ def fast_demo_root(tmp_path_factory):
     """A folder holding the demo world as `python -m minialign.demo --fast` builds it (data,
     tokenizer, a base model from a 400-step supervised pass): about a minute on 2 cores,
     shared by the end-to-end demo test and the notebook test."""
-    from minialign.demo import FAST_BASE, demo_paths
+    from minialign.demo_build import FAST_BASE, demo_paths
 
     root = tmp_path_factory.mktemp("demo_fast")
     demo_paths(root=root, base=FAST_BASE, log=lambda *a: None)

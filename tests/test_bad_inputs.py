@@ -316,10 +316,10 @@ def test_bad_inputs(world, tmp_path, evaluate_main, capsys):
 def test_demo_world_only_without_any_flag(world, tmp_path, evaluate_main, capsys, monkeypatch):
     """No model and no data flag: the demo world, announced in the first line (demo_paths is replaced
     by the tiny world here; building the real one takes minutes)."""
-    import minialign.demo
-    from minialign.demo import DemoPaths
+    import minialign.demo_build
+    from minialign.demo_build import DemoPaths
 
-    monkeypatch.setattr(minialign.demo, "demo_paths", lambda env: DemoPaths(world["root"] / "base", world["data"],
+    monkeypatch.setattr(minialign.demo_build, "demo_paths", lambda env: DemoPaths(world["root"] / "base", world["data"],
                                                                             world["data"], world["root"]))
     (tmp_path / "fresh").mkdir()
     monkeypatch.chdir(tmp_path / "fresh")  # runs/rm/model does not exist here: the demo RM is "not trained yet"

@@ -11,7 +11,7 @@ import pytest
 
 from minialign import load_model, load_tokenizer
 from minialign.data import load_preferences
-from minialign.demo import MARKER, BaseModelSettings, build_world, demo_paths
+from minialign.demo_build import MARKER, BaseModelSettings, build_world, demo_paths
 from minialign.demo_world import kind_of, make_preference_data, preferred, world_facts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +131,27 @@ def test_build_is_cached_and_rebuilt_when_the_marker_is_missing(tmp_path):
     demo_paths(root=tmp_path, base=TINY, log=quiet)
     assert (tmp_path / MARKER).is_file() and weights.stat().st_mtime_ns != stamp
 
+
+
+def test_trainer_without_model_and_data_trains_on_the_demo_world(tiny_world, tmp_path, monkeypatch, capsys):
+    """train_rm.py given neither --model nor --data: the first line announces the demo world, and the
+    run records the demo world's base model and splits as its --model, --data and --eval_data
+    (demo_paths is replaced by the tiny world here; building the real one takes minutes)."""
+    import minialign.demo_build
+    from minialign.cli import run_main
+    from minialign.demo_build import DemoPaths
+    from train_rm import main as train_rm_main
+
+    fake = DemoPaths(tiny_world["model"], tiny_world["data"], tiny_world["data"], tmp_path / "runs" / "demo")
+    monkeypatch.setattr(minialign.demo_build, "demo_paths", lambda env, root: fake)
+    monkeypatch.chdir(tmp_path)
+    run_main(train_rm_main, ["--output", str(tmp_path / "rm"), "--max_steps", "1", "--batch_size", "4",
+                             "--max_length", "64", "--max_prompt_length", "32"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("no --model and --data given: training on the demo world in runs/demo")
+    recorded = json.loads((tmp_path / "rm" / "run_config.json").read_text())
+    assert (recorded["model"], recorded["data"], recorded["eval_data"]) == (
+        str(fake.base_model), str(fake.train_data), str(fake.eval_data))
 
 @pytest.mark.slow
 def test_fast_pipeline_moves_every_number_the_right_way(fast_demo_root):
