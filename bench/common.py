@@ -156,7 +156,7 @@ LAYOUTS = ("packed", "unpacked")  # one row [prompt | chosen | rejected] per pai
 
 def make_batches(items: list[TokenizedPair], order: list[list[int]], pad_id: int, packed: bool = False) -> list[dict]:
     """Collate each index list of `order` into one right-padded minialign batch: [2B, T] rows
-    (collate.collate_pairs), or with packed=True one row per pair (packing.collate_packed)."""
+    (packing.collate_pairs), or with packed=True one row per pair (packing.collate_packed)."""
     return [collate([items[i] for i in idx], pad_id, packed) for idx in order]
 
 

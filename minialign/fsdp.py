@@ -88,7 +88,7 @@ def shard(model, env: DistEnv, dtype: str, frozen: bool = False):
     else:
         register_fsdp_forward_method(model, "rewards_at")  # the packed layout's reward (packing.py)
     # The reward model returns its rewards as a view (squeeze), which FSDP warns about in case the
-    # caller modifies it in place; the losses (losses.py) never do.
+    # caller modifies it in place; the losses (dpo.py, reward.py) never do.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPRewardModel\) returned a view tensor")
     return model
 

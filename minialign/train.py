@@ -40,8 +40,10 @@ from .run_folder import RunFolder
 from .sampler import StepPlan, eval_shard
 from .training_log import TrainingLog, describe_plan, nonfinite_message, phase_peak_mb
 
+# What the loop accepts, named as the classes themselves, so that a reader's go-to-definition on
+# objective.loss or grad_sync.wait lands in the code that runs.
 Objective = DPOObjective | RewardObjective
-GradSync = GradReducer | FSDPGradSync
+GradSync = GradReducer | FSDPGradSync  # data parallel by hand (the default), or --fsdp
 
 
 @dataclass
