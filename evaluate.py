@@ -33,7 +33,7 @@ implicit drop (and report) a pair whose longer answer alone fills --max_length, 
 Scoring runs at training's layout and speed: rm and implicit put each pair in one packed row
 [prompt | better | worse] (minialign.packing: the prompt computed once), and every scoring and
 log-prob pass (rm, implicit, dpo's rewards and KL) groups its rows by length into batches of
---batch_size (evaluation.map_batches); the results come back in file order.
+--batch_size (eval_models.map_batches); the results come back in file order.
 
 With no model and no data flag at all, a command evaluates the demo world (minialign.demo; the
 reward model and policy that train_rm.py / train_dpo.py write to runs/rm/model, runs/dpo/model)

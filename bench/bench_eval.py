@@ -12,7 +12,7 @@ ways through the same pairs, B pairs per batch, each round the whole subset:
   train      train_rm.py's step (minialign.train.train_step: forward, backward, clip, AdamW) on
              one packed row per pair in length-grouped batches (--prefix_sharing, the default,
              with --group_by_length), on its own copy of the model
-  eval       evaluate.py rm today: evaluation.map_batches over reward.score_pairs, one packed row
+  eval       evaluate.py rm today: eval_models.map_batches over reward.score_pairs, one packed row
              per pair in length-grouped batches, no graph
   eval_old   evaluate.py rm before issue #28: better answers then worse answers in two passes of
              one right-padded row per conversation, batches in file order (reward.score_ids)
@@ -48,7 +48,7 @@ from minialign import model as model_module
 from minialign.collate import collate_prompts, tokenize_pairs
 from minialign.data import load_preferences, prompts_view
 from minialign.distributed import DistEnv
-from minialign.evaluation import batch_ranges, map_batches
+from minialign.eval_models import batch_ranges, map_batches
 from minialign.generate import encode_prompts, generate_tokens
 from minialign.packing import packed_length
 from minialign.precision import autocast_context

@@ -24,7 +24,7 @@ import torch
 from minialign import load_model, load_tokenizer
 from minialign.collate import tokenize_pairs
 from minialign.data import load_preferences, prompts_view
-from minialign.evaluation import answer_logprobs
+from minialign.eval_models import answer_logprobs
 from minialign.generate import encode_prompts, generate_tokens, row_seeds
 from minialign.dpo import dpo_loss
 from minialign.packing import answer_logps, collate_pairs

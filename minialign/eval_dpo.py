@@ -15,8 +15,9 @@ from .compat import check_same_tokenizer, check_tokenizer_fits
 from .data import prompts_view
 from .distributed import print0
 from .eval_io import EvalSettings, check_slot, jsonable, load_data, load_slot, output_folder, print_table, write_json
-from .evaluation import (REPETITION_NGRAM, map_batches, per_prompt_means, policy_comparison_summary, prompt_outcomes,
-                         repetition_rate, sampled_kl)
+from .eval_models import map_batches
+from .evaluation import (REPETITION_NGRAM, per_prompt_means, policy_comparison_summary, prompt_outcomes, repetition_rate,
+                         sampled_kl)
 from .hub import resolve_model_path
 from .length_control import length_control_summary
 from .plots import dpo_eval_figure

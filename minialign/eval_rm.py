@@ -5,7 +5,7 @@ a reward model's r(x, y) (`evaluate.py rm`) and DPO's implicit reward beta * log
 Both score the pairs as training does: collate.tokenize_pairs cuts each pair with training's
 prompt budget (a pair training would drop is dropped and counted), each pair is one packed row
 [prompt | better | worse] (packing.py: the prompt computed once), and the rows go through the
-model in length-grouped batches (evaluation.map_batches), the results coming back in file order.
+model in length-grouped batches (eval_models.map_batches), the results coming back in file order.
 Rank 0 writes summary.json and pairs.json and prints the table."""
 from dataclasses import dataclass
 
@@ -17,7 +17,8 @@ from .data import load_preferences
 from .distributed import print0
 from .errors import UserError
 from .eval_io import EvalSettings, check_slot, load_data, load_slot, output_folder, print_table, write_json
-from .evaluation import implicit_reward_summary, implicit_rewards, map_batches, reward_model_summary
+from .eval_models import implicit_rewards, map_batches
+from .evaluation import implicit_reward_summary, reward_model_summary
 from .packing import packed_length
 from .plots import rm_eval_figure
 from .reward import score_pairs

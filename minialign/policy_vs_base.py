@@ -11,7 +11,7 @@ The two models are loaded one at a time, so a checkpoint twice the size still fi
 answers and scores its own answers, is freed, then the base answers and scores the policy's.
 `--generation_cache` stores the base's answers (and, in eval_dpo.py, their rewards) under a key of
 everything they depend on (minialign.answer_cache), so a sweep of policies against one base samples
-the base once. Under torchrun the batches are shared among the ranks (evaluation.map_batches);
+the base once. Under torchrun the batches are shared among the ranks (eval_models.map_batches);
 rank 0 reads and writes the cache, and every rank receives what it read.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from .answer_cache import cache_key, folder_fingerprint, ids_digest, read_cached, write_cached
 from .distributed import broadcast_object, print0
-from .evaluation import answer_logprobs, map_batches, scored_answer_ids
+from .eval_models import answer_logprobs, map_batches, scored_answer_ids
 from .generate import Generation, encode_prompts, generate_tokens, row_seeds
 
 

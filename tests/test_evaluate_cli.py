@@ -19,7 +19,7 @@ from minialign import load_model, load_tokenizer, save_model
 from minialign.collate import tokenize_pairs
 from minialign.distributed import DistEnv
 from minialign.data import load_preferences
-from minialign.evaluation import implicit_rewards, map_batches
+from minialign.eval_models import implicit_rewards, map_batches
 from minialign.packing import answer_logps, collate_pairs
 from minialign.reward import conversation_ids, score_responses
 from minialign.config import ModelConfig

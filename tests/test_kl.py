@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from minialign.evaluation import answer_logprobs, sampled_kl, scored_answer_ids
+from minialign.eval_models import answer_logprobs, scored_answer_ids
+from minialign.evaluation import sampled_kl
 from minialign.generate import generate_tokens
 from test_generate import tiny_lm
 
