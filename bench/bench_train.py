@@ -123,7 +123,7 @@ def hh_pool(shape: str, batch_pairs: int, pool_steps: int):
     return pool, orders
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1, help="steps per round (per batch of the pool for seq hh)")
@@ -139,23 +139,30 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.pool_steps = min(args.pool_steps, 2)
-    torch.set_num_threads(args.threads)
-    device, dtype = device_and_dtype()
-    print("environment:", environment(), flush=True)
+    return args
 
-    # (shape, seq, sections): "ckpt" = gradient checkpointing off vs on; "ref" = DPO live vs precomputed
-    # reference; "layout" = two rows vs packed on the HH pairs (seq "hh"). --only picks entries from all.
+
+def bench_plan(args) -> list[tuple]:
+    """(shape, seq, sections): "ckpt" = gradient checkpointing off vs on; "ref" = DPO live vs precomputed
+    reference; "layout" = two rows vs packed on the HH pairs (seq "hh"). --only picks entries from all."""
     default = [("small", 1024, ("ckpt",)), ("qwen0.5b-4l", 256, ("ref",)), ("qwen0.5b-4l", 1024, ("ckpt",)),
                ("qwen0.5b-4l", "hh", ("layout",))]
     extra = [("small", 256, ("ckpt", "ref")), ("qwen0.5b-4l", 256, ("ckpt",)), ("qwen0.5b", 1024, ("ckpt",)),
              ("small", "hh", ("layout",)), ("qwen0.5b", "hh", ("layout",))]
     if args.only:
         keep = set(args.only.split(","))
-        plan = [entry for entry in default + extra if f"{entry[0]}:{entry[1]}" in keep]
-    elif args.quick:
-        plan = [("small", 256, ("ckpt", "ref")), ("small", "hh", ("layout",))]
-    else:
-        plan = default + (extra if args.full else [])
+        return [entry for entry in default + extra if f"{entry[0]}:{entry[1]}" in keep]
+    if args.quick:
+        return [("small", 256, ("ckpt", "ref")), ("small", "hh", ("layout",))]
+    return default + (extra if args.full else [])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype()
+    print("environment:", environment(), flush=True)
+    plan = bench_plan(args)
     report = Report(f"minialign training steps ({dtype}, {args.threads} threads; pairs/s and two-row tokens/s: "
                     f"the same work for either layout)")
     packed = args.layout == "packed"

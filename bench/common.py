@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 
 from minialign.collate import TokenizedPair  # noqa: E402
 from minialign.config import ModelConfig  # noqa: E402
-from minialign.packing import IGNORE_INDEX, collate, row_length  # noqa: E402
+from minialign.packing import IGNORE_INDEX, PairBatch, collate, row_length  # noqa: E402
 
 SHARED = Path(os.environ.get("MINIALIGN_SHARED", REPO.parent / "shared"))
 
@@ -154,7 +154,7 @@ def fit_vocabulary(items: list[TokenizedPair], shape: str) -> list[TokenizedPair
 LAYOUTS = ("packed", "unpacked")  # one row [prompt | chosen | rejected] per pair, or two rows per pair
 
 
-def make_batches(items: list[TokenizedPair], order: list[list[int]], pad_id: int, packed: bool = False) -> list[dict]:
+def make_batches(items: list[TokenizedPair], order: list[list[int]], pad_id: int, packed: bool = False) -> list[PairBatch]:
     """Collate each index list of `order` into one right-padded minialign batch: [2B, T] rows
     (packing.collate_pairs), or with packed=True one row per pair (packing.collate_packed)."""
     return [collate([items[i] for i in idx], pad_id, packed) for idx in order]
@@ -186,7 +186,7 @@ def layout_stats(items: list[TokenizedPair], order: list[list[int]], packed: boo
 # FLOPs: matmul FLOPs of one step, and the machine's matmul rate to divide them by
 
 
-def step_flops(cfg_dict: dict, batch: dict, kind: str, LiveReference: bool = True) -> dict:
+def step_flops(cfg_dict: dict, batch: PairBatch, kind: str, LiveReference: bool = True) -> dict:
     """Matmul FLOPs of one training step on `batch` (either layout), two ways:
 
     nominal:  6 x params x positions for the trained model (+ 2 x for a reference forward), plus

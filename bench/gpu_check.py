@@ -68,6 +68,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench/common.py's model shapes
 
 from safetensors.torch import load_file  # noqa: E402
 
@@ -77,12 +78,13 @@ from minialign.config import ModelConfig  # noqa: E402
 from minialign.distributed import DistEnv  # noqa: E402
 from minialign.dpo import DPOObjective, LiveReference  # noqa: E402
 from minialign.model import CausalLM, RewardModel  # noqa: E402
+from minialign.packing import make_batch  # noqa: E402
 from minialign.precision import autocast_context, hold_frozen_in_bf16  # noqa: E402
 from minialign.reducer import GradReducer  # noqa: E402
 from minialign.reward import RewardObjective  # noqa: E402
 from minialign.tokenizer import train_bpe_tokenizer  # noqa: E402
-from minialign.packing import make_batch  # noqa: E402
 from minialign.train import build_optimizer, train_step  # noqa: E402
+from common import SHAPES  # noqa: E402
 
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
 GOLDEN_NAMES = ["qwen2_tied", "qwen2_untied", "qwen3", "llama", "llama_bias", "llama_rope_linear", "llama_rope_llama3",
@@ -101,6 +103,8 @@ MAX_DIFF = 1e-3
 NOISE_FACTOR = 10  # a resumed run may differ from the uninterrupted one by this many times the run-to-run noise
 LN2_ATOL = 1e-5
 STEPS, KILL_AT = 8, 5  # short runs, checkpoint every 2 steps: killed at step 5, the step-4 checkpoint resumes
+# fsdp 2 ranks (and its kill + resume): accumulation and checkpointing under --fsdp, in fp32
+FSDP2_RM_ARGS = ("--dtype", "fp32", "--batch_size", 2, "--grad_accum", 2, "--gradient_checkpointing", "--fsdp")
 # docs/memory.md: bytes per parameter (weights, gradients, AdamW) and per matmul weight
 # (autocast's bf16 copies), measured by bench/bench_memory.py.
 STATE_BYTES, AUTOCAST_BYTES, GATHERED_ROOT_BYTES = 16.0, 2.0, 2.0
@@ -301,6 +305,13 @@ class Checks:
         if self.ranks < 2:
             raise Skip("needs 2 GPUs")
 
+    def earlier_run(self, name: str, check: str) -> Path:
+        """runs/NAME, the model an earlier check trained; Skip when that check did not run."""
+        path = self.r.out / "runs" / name
+        if not (path / "model").is_dir():
+            raise Skip(f"needs the {check} check's run {name}")
+        return path
+
     def out(self, name) -> Path:
         path = self.r.out / "runs" / name
         shutil.rmtree(path, ignore_errors=True)
@@ -386,9 +397,8 @@ class Checks:
 
     def evaluate(self):
         w = self.ensure_world()
-        rm, dpo = self.r.out / "runs" / "train_rm_bf16_a", self.r.out / "runs" / "train_dpo_bf16_a"
-        if not (rm / "model").is_dir() or not (dpo / "model").is_dir():
-            raise Skip("needs the bf16 runs above")
+        rm = self.earlier_run("train_rm_bf16_a", "rm bf16 kill + resume")
+        dpo = self.earlier_run("train_dpo_bf16_a", "dpo bf16 kill + resume")
         out_rm, out_dpo = self.out("eval_rm"), self.out("eval_dpo")
         dtype = ["--dtype", "bf16", "--device", self.device]
         self.r.run("evaluate_rm", self.r.command("evaluate.py", "rm", "--reward_model", rm / "model", "--data",
@@ -475,9 +485,6 @@ class Checks:
 
     def step_speed(self):
         """Tokens/s of the DPO step at SPEED_SHAPE (the CPU dry run: the small shape, 32 tokens)."""
-        sys.path.insert(0, str(REPO / "bench"))
-        from common import SHAPES
-
         cuda = self.device == "cuda"
         name, length = (SPEED_SHAPE, SPEED_LEN) if cuda else ("small", 32)
         env, policy, objective, reducer, optimizer, batches = self.dpo_setup(SHAPES[name], SPEED_PAIRS, length)
@@ -505,9 +512,6 @@ class Checks:
         on the device: every decoded token's fp32 logits against one full forward, then the bf16
         decode speed at DECODE_SHAPE (issue #27's item 7: key/value heads shared, not repeated)."""
         from minialign.model import KVCache
-
-        sys.path.insert(0, str(REPO / "bench"))
-        from common import SHAPES
 
         cuda = self.device == "cuda"
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -548,9 +552,6 @@ class Checks:
 
     def memory_one(self):
         """Peak of a reward-model step in this process, the reducer on a group of one, against 16 N + 2 M."""
-        sys.path.insert(0, str(REPO / "bench"))
-        from common import SHAPES
-
         cuda = self.device == "cuda"
         shape = "qwen0.5b" if cuda else "small"
         release_memory()
@@ -586,9 +587,6 @@ class Checks:
         self.need_two()
         w = self.ensure_world()
         shape = "qwen0.5b" if self.device == "cuda" else "small"
-        sys.path.insert(0, str(REPO / "bench"))
-        from common import SHAPES
-
         vocab = max(SHAPES[shape]["vocab_size"], len(w["tokenizer"]))
         cfg = ModelConfig.from_hf_dict({**SHAPES[shape], "vocab_size": vocab})
         ckpt = self.r.out / "world" / f"{shape}_model"
@@ -641,9 +639,7 @@ class Checks:
     def ddp_two(self):
         self.need_two()
         w = self.ensure_world()
-        one, two = self.r.out / "runs" / "rm_fp32", self.out("rm_fp32_ddp2")
-        if not (one / "model").is_dir():
-            raise Skip("needs the fp32 run of the fsdp check")
+        one, two = self.earlier_run("rm_fp32", "fsdp 1 process"), self.out("rm_fp32_ddp2")
         self.r.run("rm_fp32_ddp2",
                    self.r.command("train_rm.py", *train_args(w, two, "--dtype", "fp32", "--batch_size", 4), ranks=2))
         ok, detail = same_training(one, two)
@@ -654,13 +650,9 @@ class Checks:
     def fsdp_two(self):
         self.need_two()
         w = self.ensure_world()
-        one = self.r.out / "runs" / "rm_fp32"
-        if not (one / "model").is_dir():
-            raise Skip("needs the fp32 run of the fsdp check")
+        one = self.earlier_run("rm_fp32", "fsdp 1 process")
         rm, dpo = self.out("rm_fp32_fsdp2"), self.out("dpo_bf16_fsdp2")
-        self.r.run("rm_fp32_fsdp2", self.r.command("train_rm.py", *train_args(
-            w, rm, "--dtype", "fp32", "--batch_size", 2, "--grad_accum", 2, "--gradient_checkpointing", "--fsdp"),
-            ranks=2))
+        self.r.run("rm_fp32_fsdp2", self.r.command("train_rm.py", *train_args(w, rm, *FSDP2_RM_ARGS), ranks=2))
         self.r.run("dpo_bf16_fsdp2", self.r.command("train_dpo.py", *train_args(
             w, dpo, "--dtype", "bf16", "--batch_size", 4, "--fsdp"), ranks=2))
         ok, same = same_training(one, rm)
@@ -675,11 +667,9 @@ class Checks:
         """The 2-rank --fsdp run of fsdp_two, killed at step 5 and resumed from step 4 on 2 ranks."""
         self.need_two()
         w = self.ensure_world()
-        whole = self.r.out / "runs" / "rm_fp32_fsdp2"
-        if not (whole / "model").is_dir():
-            raise Skip("needs the fp32 run of the fsdp 2 ranks check")
+        whole = self.earlier_run("rm_fp32_fsdp2", "fsdp 2 ranks")
         killed = self.out("rm_fp32_fsdp2_killed")
-        args = ["--dtype", "fp32", "--batch_size", 2, "--grad_accum", 2, "--gradient_checkpointing", "--fsdp"]
+        args = FSDP2_RM_ARGS
         self.r.run_and_kill("rm_fp32_fsdp2_killed", self.r.command("train_rm.py", *train_args(w, killed, *args), ranks=2),
                             KILL_AT, STEPS)
         text = self.r.run("rm_fp32_fsdp2_resumed",

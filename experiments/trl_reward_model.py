@@ -37,7 +37,7 @@ def tokenized(tokenizer, path, max_length, max_prompt_length):
     return tokenize_pairs(tokenizer, pairs, max_length, max_prompt_length)[0]
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True, help="folder of experiments/split_prompts.py: train.jsonl, heldout.jsonl")
@@ -46,21 +46,17 @@ def main():
     p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--max_prompt_length", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def train_trl(args, train_items):
+    """TRL's RewardTrainer on minialign's token ids, at train_rm.py's settings -> (model, trainer, seconds)."""
+    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from minialign import load_tokenizer
-    from minialign.evaluation import accuracy_with_ties, bootstrap_ci
-    from minialign.reward import conversation_ids
-
-    ml_tok = load_tokenizer(args.model)
-    train_items = tokenized(ml_tok, Path(args.split) / "train.jsonl", args.max_length, args.max_prompt_length)
-    from datasets import Dataset
     data = Dataset.from_dict({"chosen_ids": [t.prompt_ids + t.chosen_ids for t in train_items],
                               "rejected_ids": [t.prompt_ids + t.rejected_ids for t in train_items]})
-
     hf_tok = AutoTokenizer.from_pretrained(args.model)
     hf_tok.pad_token = "<|endoftext|>"  # not <|im_end|>: see the module docstring
     torch.manual_seed(args.seed)
@@ -75,10 +71,13 @@ def main():
     t0 = time.time()
     trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=hf_tok)
     trainer.train()
-    train_s = time.time() - t0
+    return model, trainer, time.time() - t0
 
-    from minialign.data import load_preferences
-    heldout, _ = load_preferences(Path(args.split) / "heldout.jsonl")  # every pair, as evaluate.py rm
+
+def score_heldout(model, ml_tok, heldout, max_length) -> dict[str, list[float]]:
+    """Every held-out pair's chosen and rejected rewards, one conversation at a time."""
+    from minialign.reward import conversation_ids
+
     model.eval()
     scores = {"chosen": [], "rejected": []}
     with torch.no_grad():
@@ -86,8 +85,22 @@ def main():
             for which in scores:
                 # cut as the minialign figure it is compared with was scored (2026-12-06: no separate
                 # prompt budget, the prompt's start cut to fit --max_length)
-                ids = conversation_ids(ml_tok, pair.prompt, getattr(pair, which), args.max_length)
+                ids = conversation_ids(ml_tok, pair.prompt, getattr(pair, which), max_length)
                 scores[which].append(float(model(torch.tensor([ids])).logits[0, 0]))
+    return scores
+
+
+def main():
+    args = parse_args()
+    from minialign import load_tokenizer
+    from minialign.data import load_preferences
+    from minialign.evaluation import accuracy_with_ties, bootstrap_ci
+
+    ml_tok = load_tokenizer(args.model)
+    train_items = tokenized(ml_tok, Path(args.split) / "train.jsonl", args.max_length, args.max_prompt_length)
+    model, trainer, train_s = train_trl(args, train_items)
+    heldout, _ = load_preferences(Path(args.split) / "heldout.jsonl")  # every pair, as evaluate.py rm
+    scores = score_heldout(model, ml_tok, heldout, args.max_length)
     correct = np.array(scores["chosen"]) > np.array(scores["rejected"])
     summary = {**accuracy_with_ties(scores["chosen"], scores["rejected"]),
                "accuracy_ci95": bootstrap_ci(correct.astype(float), seed=args.seed),

@@ -130,10 +130,9 @@ def oversized_binop(operator: str, left, right) -> str | None:
     return None
 
 
-def _compiled(template: str):
-    """The template compiled once per text (a data set renders it three times per pair)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _template_helpers(jinja2):
+    """What templates may use beyond the sandbox's defaults: the {% generation %} block, namespace()
+    and dict(), each without a way into Python internals. Returns (GenerationBlock, Namespace, Dict)."""
 
     class GenerationBlock(jinja2.ext.Extension):
         """{% generation %}...{% endgeneration %} renders its body as it is."""
@@ -174,6 +173,16 @@ def _compiled(template: str):
 
         def fromkeys(self, *args, **kwargs):
             return dict.fromkeys(*args, **kwargs)
+
+    return GenerationBlock, Namespace, Dict
+
+
+def _compiled(template: str):
+    """The template compiled once per text (a data set renders it three times per pair)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    GenerationBlock, Namespace, Dict = _template_helpers(jinja2)
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, with '*', '+' and '**' checked before they run: 'x' * 10**10 would take

@@ -24,7 +24,8 @@ from .packing import PairBatch, collate, pair_rewards
 
 
 def _precise(x: torch.Tensor) -> torch.Tensor:
-    """x in at least float32: bf16/fp16 are promoted, float64 stays float64."""
+    """x in at least float32: bf16/fp16 are promoted, float64 stays float64. (dpo.py has the same
+    line: each loss chapter keeps its own, so that a step reads in one file, tests/test_layout.py.)"""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

@@ -1,4 +1,5 @@
 """Shared pytest fixtures, one per idea; each says what it builds and how long it takes."""
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,14 @@ TINY_CORPUS = [
     "Please answer in one sentence.\nThank you for the help.",
     "user assistant system",
 ] * 20
+
+
+
+def records(out, split="train") -> list[dict]:
+    """A run folder's metrics.jsonl records of one split ("train" or "eval"), every line parsed:
+    a line that is not JSON fails the test (the library's training_log.read_records would skip it)."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ process without it: 2 ranks x batch 2 x accumulation 2 = 1 rank x batch 8, step 
 final weights (within 1e-5), for both trainers, with gradient checkpointing on and off. Its
 checkpoints are the same files as without --fsdp: a run killed at a random step resumes in either
 mode and ends with the uninterrupted run's weights. The saved models load in minialign."""
-import json
 import math
 import os
 import random
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import minialign
+from conftest import records
 from minialign.config import ModelConfig
 from minialign.model import CausalLM
 
@@ -51,10 +51,6 @@ def launch(script, world, out, nproc, *extra, model=None):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout}\n{p.stderr}"
     return p
-
-
-def records(out, split="train"):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def weights(out, sub="model"):

@@ -87,7 +87,7 @@ def test_model_depends_on_torch_alone():
     assert own <= {"config"} and other <= {"torch", "__future__", "math", "dataclasses"}, (own, other)
 
 
-MAX_FUNCTION_LINES = 60  # lines of code per function, docstring, comments and blank lines apart (issue 30)
+MAX_FUNCTION_LINES = 60  # lines per function, its docstring and blank lines apart (comments count) (issue 30)
 
 
 def code_lines(lines: list[str], fn: ast.FunctionDef) -> int:
@@ -95,7 +95,7 @@ def code_lines(lines: list[str], fn: ast.FunctionDef) -> int:
     has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
     doc = range(body[0].lineno, body[0].end_lineno + 1) if has_doc else range(0)
     return sum(1 for i in range(fn.lineno, fn.end_lineno + 1)
-               if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+               if i not in doc and lines[i - 1].strip())
 
 
 def test_every_function_fits_on_a_screen():

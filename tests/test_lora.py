@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 import minialign
+from conftest import records
 from minialign.config import ModelConfig
 from minialign.distributed import DistEnv
 from minialign.dpo import AdapterOffReference, DPOObjective, LiveReference
@@ -200,10 +201,6 @@ def run(script, world, out, *extra):
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout}\n{p.stderr}"
     return p
-
-
-def records(out, split="train"):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def adapted_model(base_dir, out, reward, rank):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import minialign
+from conftest import records
 from minialign.distributed import DistEnv
 from minialign.reducer import GradReducer
 from minialign.run_folder import RunFolder
@@ -34,10 +35,6 @@ def run(script, world, out, *extra, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed:\n{p.stdout}\n{p.stderr}")
     return p
-
-
-def records(out, split="train"):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def weights(out):
